@@ -1,0 +1,135 @@
+"""The batch job behind `cxr-embed embed`: a folder or CSV of images -> a resumable HDF5 store."""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .embedder import Embedder
+from .errors import InputError, LabelError
+from .store import Store, StoreWriter
+
+IMAGE_SUFFIXES = {".dcm", ".dicom", ".png", ".jpg", ".jpeg"}
+
+
+@dataclass
+class InputItem:
+    image_id: str
+    path: Path
+    metadata: dict = field(default_factory=dict)
+
+
+def list_inputs(images: str | os.PathLike, image_root: str | os.PathLike | None = None) -> list[InputItem]:
+    """Items from a folder (recursive, DICOM/PNG/JPEG by suffix) or a CSV with an `image` column."""
+    src = Path(images)
+    if src.is_dir():
+        root = Path(image_root) if image_root else src
+        files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        return [InputItem(p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p), p) for p in files]
+    if not src.is_file():
+        raise InputError(f"--images {src}: no such folder or CSV file")
+    if src.suffix.lower() != ".csv":
+        raise InputError(f"--images {src}: expected a folder or a .csv file")
+    root = Path(image_root) if image_root else src.parent
+    return read_image_csv(src, root)
+
+
+def read_image_csv(path: Path, root: Path) -> list[InputItem]:
+    items, seen = [], set()
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames is None or "image" not in reader.fieldnames:
+            raise LabelError(f"{path}: needs an 'image' column (found: {', '.join(reader.fieldnames or []) or 'no header'})")
+        for line, row in enumerate(reader, start=2):
+            image = (row.get("image") or "").strip()
+            if not image:
+                raise LabelError(f"{path} line {line}: empty 'image' value")
+            if image in seen:
+                raise LabelError(f"{path} line {line}: image {image!r} is listed twice")
+            seen.add(image)
+            meta = {k: v for k, v in row.items() if k != "image" and k is not None}
+            items.append(InputItem(image, root / image, meta))
+    return items
+
+
+def shard_path(out: Path, rank: int, world: int) -> Path:
+    return out.with_name(f"{out.stem}.rank{rank:03d}-of-{world:03d}{out.suffix}")
+
+
+@dataclass
+class EmbedSummary:
+    store: Path
+    embedded: int
+    skipped: int
+    failed: dict[str, str]
+    total_in_store: int
+    seconds: float
+
+    def text(self) -> str:
+        rate = self.embedded / self.seconds if self.seconds > 0 else 0.0
+        lines = [
+            f"{self.store}: embedded {self.embedded} new image(s) in {self.seconds:.1f} s ({rate:.1f} img/s), "
+            f"{self.skipped} already present, {len(self.failed)} failed; {self.total_in_store} in store"
+        ]
+        for image_id, err in list(self.failed.items())[:20]:
+            lines.append(f"  FAILED {image_id}: {err}")
+        if len(self.failed) > 20:
+            lines.append(f"  ... {len(self.failed) - 20} more (see `cxr-embed info {self.store}`)")
+        return "\n".join(lines)
+
+
+def embed_to_store(
+    items: list[InputItem],
+    out: str | os.PathLike,
+    embedder: Embedder,
+    commit_every_s: float = 30.0,
+    commit_every_n: int = 4096,
+    progress: bool = True,
+    rank: int = 0,
+    world: int = 1,
+) -> EmbedSummary:
+    """Embed every item not yet in the store; failures are recorded, never fatal. Resumable."""
+    out = Path(out)
+    if world > 1:
+        items = items[rank::world]
+        out = shard_path(out, rank, world)
+    writer = StoreWriter(out, embedder.identity)
+    todo = [it for it in items if it.image_id not in writer.done_ids]
+    skipped = len(items) - len(todo)
+    start = time.perf_counter()
+    last_commit = start
+    embedded = 0
+    failed: dict[str, str] = {}
+    meta_of = {it.image_id: it.metadata for it in todo}
+    bar = tqdm(
+        total=len(todo), unit="img", desc=f"embedding -> {out.name}", disable=not progress,
+        file=sys.stderr, dynamic_ncols=True, mininterval=1.0, position=rank,
+    )
+    try:
+        for result in embedder.iter_embed((it.image_id, it.path) for it in todo):
+            if result.error is None:
+                writer.add(result.key, result.embedding, {**meta_of[result.key], "findings": result.info.to_dict()})
+                embedded += 1
+            else:
+                msg = f"{result.error.code}: {result.error}"
+                writer.fail(result.key, msg)
+                failed[result.key] = msg
+            bar.update(1)
+            now = time.perf_counter()
+            if writer.pending >= commit_every_n or now - last_commit >= commit_every_s:
+                writer.commit()
+                last_commit = time.perf_counter()
+                # Commits copy the file; keep their share of the run small on big stores.
+                commit_every_s = max(commit_every_s, 20 * (last_commit - now))
+                bar.set_postfix(saved=len(writer.done_ids), failed=len(failed))
+    finally:
+        writer.commit()
+        bar.close()
+    store = Store(out)
+    return EmbedSummary(out, embedded, skipped, failed, len(store), time.perf_counter() - start)

@@ -1,0 +1,180 @@
+"""The `cxr-embed` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import CxrEmbedError
+
+
+def _add_embed(sub) -> None:
+    p = sub.add_parser("embed", help="embed a folder or CSV of images into an HDF5 store (resumable)")
+    p.add_argument("--images", required=True, help="folder of DICOM/PNG/JPEG files, or a CSV with an 'image' column")
+    p.add_argument("--image-root", help="folder that CSV image paths are relative to (default: the CSV's folder)")
+    p.add_argument("--out", required=True, help="the HDF5 store to create or extend")
+    p.add_argument("--model", default=None, help="registered model name or .safetensors checkpoint (default: the shipped model)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--commit-every", type=float, default=30.0, help="seconds between durable commits (default 30)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_embed)
+
+
+def _cmd_embed(args) -> int:
+    from .batch import embed_to_store, list_inputs, shard_path
+    from .embedder import Embedder
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    dist = None
+    if world > 1:  # started by torchrun: one shard per process, one store file per shard
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+    items = list_inputs(args.images, args.image_root)
+    if not items:
+        raise CxrEmbedError(f"no images found in {args.images}")
+    device = args.device
+    if world > 1 and device in ("auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+    embedder = Embedder(args.model, batch_size=args.batch_size, device=device)
+    summary = embed_to_store(
+        items, args.out, embedder, commit_every_s=args.commit_every, progress=not args.no_progress, rank=rank, world=world
+    )
+    print(summary.text())
+    if dist is not None:
+        dist.barrier()
+        if rank == 0:
+            shards = " ".join(str(shard_path(Path(args.out), r, world)) for r in range(world))
+            print(f"all {world} shards done; merge them with:\n  cxr-embed merge --out {args.out} {shards}")
+        dist.destroy_process_group()
+    return 1 if summary.failed and summary.embedded == 0 and summary.total_in_store == 0 else 0
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="print what a store holds")
+    p.add_argument("store")
+    p.set_defaults(func=lambda a: _print_info(a.store))
+
+
+def _print_info(path: str) -> int:
+    from .store import Store
+
+    print(Store(path).summary())
+    return 0
+
+
+def _add_merge(sub) -> None:
+    p = sub.add_parser("merge", help="merge shard stores (e.g. from torchrun) into one store")
+    p.add_argument("--out", required=True)
+    p.add_argument("stores", nargs="+")
+    p.set_defaults(func=_cmd_merge)
+
+
+def _cmd_merge(args) -> int:
+    from .store import merge_stores
+
+    store = merge_stores(args.stores, args.out)
+    print(f"merged {len(args.stores)} store(s) into {store.path}: {len(store)} images, {len(store.failed)} failed")
+    return 0
+
+
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="list the registered embedding models")
+    p.set_defaults(func=_cmd_models)
+
+
+def _cmd_models(args) -> int:
+    from .models import _REGISTRY, default_model_name, list_models
+
+    default = default_model_name()
+    for name in list_models():
+        spec = _REGISTRY[name]
+        mark = " (default)" if name == default else ""
+        print(f"{name}{mark}: {spec.arch}, dim {spec.dim}, {spec.preprocess.identity} - {spec.description}")
+    return 0
+
+
+def _add_pretrain(sub) -> None:
+    p = sub.add_parser("pretrain", help="SupCon-pretrain a backbone on labelled CXRs (resumable)")
+    p.add_argument("--config", help="YAML or TOML file; every field has a default (see configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting (YAML value)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser("pack", help="decode a pretraining pool once into compact JPEG pack file(s)")
+    p.add_argument("--config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", required=True)
+    p.add_argument("--parts", type=int, default=1)
+    p.add_argument("--quality", type=int, default=90)
+    p.set_defaults(func=_cmd_pack)
+
+
+def _pretrain_config(args):
+    import yaml
+
+    from .pretrain import PretrainConfig
+
+    cfg = PretrainConfig.from_file(args.config)
+    if args.set:
+        data = cfg.to_dict()
+        for item in args.set:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise CxrEmbedError(f"--set expects KEY=VALUE, got {item!r}")
+            data[key.strip()] = yaml.safe_load(value)
+        cfg = PretrainConfig.from_dict(data, source="--set")
+    return cfg
+
+
+def _cmd_pretrain(args) -> int:
+    from .pretrain import pretrain
+
+    final = pretrain(_pretrain_config(args), progress=not args.no_progress)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"wrote {final}")
+    return 0
+
+
+def _cmd_pack(args) -> int:
+    from .pretrain import build_pack
+
+    for path in build_pack(_pretrain_config(args), args.out, parts=args.parts, quality=args.quality):
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cxr-embed", description="Chest X-ray embeddings, probes and an embedding service (PyTorch, open weights)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_embed(sub)
+    _add_info(sub)
+    _add_merge(sub)
+    _add_models(sub)
+    _add_pretrain(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CxrEmbedError as exc:
+        print(f"cxr-embed {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cxr-embed {args.command}: interrupted (finished work was saved)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

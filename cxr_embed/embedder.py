@@ -1,0 +1,142 @@
+"""Batch embedding of paths, bytes or arrays into float32 arrays."""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .errors import InputError
+from .image import ImageInfo
+from .ingest import ImageSource, load_image
+from .models import EmbeddingModel, create_model
+from .preprocess import preprocess
+
+
+@dataclass
+class EmbeddingResult:
+    """One input's outcome: an embedding and findings, or the error that stopped it."""
+
+    key: object
+    embedding: np.ndarray | None
+    info: ImageInfo | None
+    error: InputError | None = None
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Embedder:
+    """Embeds images with one model in batches; the same input always gives the same embedding."""
+
+    def __init__(
+        self,
+        model: str | EmbeddingModel | None = None,
+        batch_size: int = 32,
+        device: str | None = None,
+        decode_workers: int = 2,
+    ):
+        self.device = pick_device(device)
+        self.model = model if isinstance(model, EmbeddingModel) else create_model(model, device="cpu")
+        self.model = self.model.to(self.device).eval()
+        if self.device.type == "cpu":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.decode_workers = max(1, int(decode_workers))
+
+    @property
+    def identity(self) -> dict:
+        return self.model.identity
+
+    @property
+    def dim(self) -> int:
+        return self.model.dim
+
+    def prepare(self, source: ImageSource) -> tuple[torch.Tensor, ImageInfo]:
+        """Decode and preprocess one input (raises InputError on bad input)."""
+        decoded = load_image(source)
+        return preprocess(decoded, self.model.preprocess), decoded.info
+
+    @torch.inference_mode()
+    def forward(self, batch: torch.Tensor) -> np.ndarray:
+        """Embeddings of already-preprocessed tensors (N, 3, S, S)."""
+        x = batch.to(self.device, non_blocking=True)
+        if self.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = self.model(x)
+        return out.float().cpu().numpy().astype(np.float32, copy=False)
+
+    def embed(self, sources: Sequence[ImageSource]) -> np.ndarray:
+        """Embeddings (N, dim) float32 for every input; raises on the first bad input."""
+        results = list(self.iter_embed(list(enumerate(sources))))
+        for r in results:
+            if r.error is not None:
+                raise r.error
+        if not results:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.stack([r.embedding for r in results])
+
+    def embed_one(self, source: ImageSource) -> tuple[np.ndarray, ImageInfo]:
+        r = next(self.iter_embed([(0, source)]))
+        if r.error is not None:
+            raise r.error
+        return r.embedding, r.info
+
+    def iter_embed(self, items: Iterable[tuple[object, ImageSource]]) -> Iterator[EmbeddingResult]:
+        """Yield one result per (key, source), in input order; bad inputs yield their error, not raise.
+
+        Decoding runs in a small thread pool ahead of the model (PIL, pydicom and numpy release the
+        GIL for the heavy parts), so the CPU forward pass is rarely kept waiting.
+        """
+        for chunk in self._iter_batches(items):
+            ok = [(k, t, i) for k, t, i, e in chunk if e is None]
+            embs = self.forward(torch.stack([t for _, t, _ in ok])) if ok else None
+            j = 0
+            for key, tensor, info, err in chunk:
+                if err is None:
+                    yield EmbeddingResult(key, embs[j], info)
+                    j += 1
+                else:
+                    yield EmbeddingResult(key, None, None, err)
+
+    def _iter_batches(self, items: Iterable[tuple[object, ImageSource]]):
+        def job(source):
+            try:
+                t, info = self.prepare(source)
+                return t, info, None
+            except InputError as exc:
+                return None, None, exc
+
+        lookahead = self.batch_size * 2
+        pending: deque[tuple[object, Future]] = deque()
+        batch = []
+        with ThreadPoolExecutor(self.decode_workers, thread_name_prefix="cxr-decode") as pool:
+            it = iter(items)
+            exhausted = False
+            while True:
+                while not exhausted and len(pending) < lookahead:
+                    try:
+                        key, source = next(it)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    pending.append((key, pool.submit(job, source)))
+                if not pending:
+                    break
+                key, fut = pending.popleft()
+                t, info, err = fut.result()
+                batch.append((key, t, info, err))
+                if len(batch) == self.batch_size:
+                    yield batch
+                    batch = []
+            if batch:
+                yield batch

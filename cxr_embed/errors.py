@@ -1,0 +1,80 @@
+"""Typed errors raised where a problem is found; the service maps them to HTTP codes in one place."""
+
+from __future__ import annotations
+
+
+class CxrEmbedError(Exception):
+    """Base class of every error cxr-embed raises on purpose."""
+
+    code = "error"
+
+
+class InputError(CxrEmbedError, ValueError):
+    """The input cannot be turned into a model input. The message names the problem."""
+
+    code = "bad_input"
+
+
+class EmptyInput(InputError):
+    code = "empty_input"
+
+
+class NotAnImage(InputError):
+    """Bytes that are neither DICOM, PNG nor JPEG."""
+
+    code = "not_an_image"
+
+
+class TruncatedImage(InputError):
+    """A file that starts like an image but whose data ends early or is corrupt."""
+
+    code = "truncated_or_corrupt"
+
+
+class NoPixelData(InputError):
+    code = "no_pixel_data"
+
+
+class MultiFrameImage(InputError):
+    code = "multi_frame"
+
+
+class ImageTooSmall(InputError):
+    code = "image_too_small"
+
+
+class UnsupportedImage(InputError):
+    """A real image we do not handle (photometric interpretation, bit depth, codec...)."""
+
+    code = "unsupported_image"
+
+
+class ModelError(CxrEmbedError):
+    code = "model_error"
+
+
+class UnknownModel(ModelError, KeyError):
+    code = "unknown_model"
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "unknown model"
+
+
+class CheckpointError(ModelError):
+    code = "bad_checkpoint"
+
+
+class ModelMismatch(ModelError):
+    """Embeddings, stores or probes made by different models (or preprocessing) are being mixed."""
+
+    code = "model_mismatch"
+
+
+class StoreError(CxrEmbedError):
+    code = "store_error"
+
+
+class LabelError(CxrEmbedError, ValueError):
+    """A label file or label array that cannot be used; the message names the row or class."""
+
+    code = "bad_labels"

@@ -1,0 +1,72 @@
+"""One entry point from anything a user holds (path, bytes, array, PIL image) to a decoded image."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image
+
+from .dicom import looks_like_dicom, read_dicom
+from .errors import EmptyInput, ImageTooSmall, InputError, NotAnImage
+from .image import JPEG_MAGIC, PNG_MAGIC, DecodedImage, ImageInfo, array_to_grey, read_raster
+
+ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray, Image.Image, DecodedImage]
+
+# The smallest side we accept: below this a picture cannot show a chest at useful detail.
+MIN_SIDE = 128
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"no such file: {p}")
+    if p.is_dir():
+        raise InputError(f"is a directory, not an image: {p}")
+    return p.read_bytes()
+
+
+def load_image(source: ImageSource, min_side: int = MIN_SIDE) -> DecodedImage:
+    """Decode `source` into a grey [0, 1] image, refusing what is not a usable radiograph image."""
+    if isinstance(source, DecodedImage):
+        decoded = source
+    elif isinstance(source, (str, os.PathLike)):
+        decoded = decode_bytes(read_bytes(source))
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        decoded = decode_bytes(bytes(source))
+    elif isinstance(source, Image.Image):
+        decoded = decode_bytes(_pil_to_png(source))
+    elif isinstance(source, np.ndarray):
+        grey = array_to_grey(source)
+        decoded = DecodedImage(grey, ImageInfo(source_format="array", original_size=grey.shape[:2]))
+    else:
+        raise InputError(f"cannot read an image from a {type(source).__name__}")
+    rows, cols = decoded.pixels.shape
+    if min(rows, cols) < min_side:
+        raise ImageTooSmall(
+            f"image is {cols}x{rows} pixels; a radiograph needs at least {min_side} pixels on its short side"
+        )
+    return decoded
+
+
+def decode_bytes(data: bytes) -> DecodedImage:
+    if len(data) == 0:
+        raise EmptyInput("empty file (0 bytes)")
+    if data.startswith(PNG_MAGIC) or data.startswith(JPEG_MAGIC):
+        return read_raster(data)
+    if looks_like_dicom(data):
+        return read_dicom(data)
+    # DICOM files without the 128-byte preamble exist; try them only if they parse as DICOM.
+    if len(data) > 8 and data[:2] in (b"\x08\x00", b"\x02\x00"):
+        return read_dicom(data)
+    raise NotAnImage("not a DICOM, PNG or JPEG file (unrecognised header)")
+
+
+def _pil_to_png(im: Image.Image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()

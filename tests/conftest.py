@@ -1,0 +1,44 @@
+"""Shared fixtures: real DICOMs from pydicom-data, real CXRs from ../shared/data, committed NIH samples."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "tests" / "data" / "nih"
+SHARED = Path(os.environ.get("CXR_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def pydicom_data_dir() -> Path:
+    import data_store
+
+    return Path(data_store.__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def dcm_dir() -> Path:
+    return pydicom_data_dir()
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    if not (SHARED / "pretrain.csv").exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must have the shared data at {SHARED}")
+        pytest.skip(f"shared data not found at {SHARED}")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def samples() -> Path:
+    return SAMPLES
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from cxr_embed import Embedder
+
+    return Embedder("imagenet-effnet-lite0", batch_size=8)
