@@ -150,6 +150,77 @@ def _cmd_pack(args) -> int:
     return 0
 
 
+def _add_probes(sub) -> None:
+    p = sub.add_parser("curve", help="data-efficiency curve: probe AUC vs. number of labelled images, per store")
+    p.add_argument("--store", action="append", required=True, help="an embedding store (repeat to compare models)")
+    p.add_argument("--labels", required=True, help="CSV with image, label, split (train/test) [, patient_id]")
+    p.add_argument("--test-labels", help="external test set CSV (image, label); replaces the test split")
+    p.add_argument("--sizes", default="45,85,170,340,680,full")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--probe", action="append", choices=["linear", "gbm"], help="probe kind (repeatable; default both)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder for curve.csv, summary.csv and curve.png")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_curve)
+
+    p = sub.add_parser("probe", help="train a probe on a store's embeddings and save it (for the service)")
+    p.add_argument("--store", required=True)
+    p.add_argument("--labels", required=True, help="CSV with image, label [, split]: trains on the train split if present")
+    p.add_argument("--kind", choices=["linear", "gbm"], default="linear")
+    p.add_argument("--threshold", choices=["youden", "sensitivity"], default="youden")
+    p.add_argument("--target-sensitivity", type=float, default=0.9)
+    p.add_argument("--name", help="probe name (default: the output file's stem)")
+    p.add_argument("--out", required=True, help="probe file to write (.json)")
+    p.set_defaults(func=_cmd_probe)
+
+
+def _cmd_curve(args) -> int:
+    from probes.curve import parse_sizes, run_curve
+
+    res = run_curve(args.store, args.labels, args.out, sizes=parse_sizes(args.sizes), repeats=args.repeats,
+                    probes=args.probe or ["linear", "gbm"], test_labels=args.test_labels, seed=args.seed,
+                    progress=not args.no_progress)
+    print(f"{'model':<28} {'probe':<7} {'n_train':>7} {'AUC':>6}  95% range")
+    for r in res.summary:
+        print(f"{r['model']:<28} {r['probe']:<7} {r['n_train']:>7} {r['auc_mean']:>6.3f}  {r['auc_ci_low']:.3f}-{r['auc_ci_high']:.3f}")
+    shares = ", ".join(f"{k} {v:.1f} s" for k, v in res.seconds_by_probe.items())
+    print(f"wrote {args.out}/curve.csv, summary.csv, curve.png in {res.seconds:.1f} s ({shares})")
+    return 0
+
+
+def _cmd_probe(args) -> int:
+    import numpy as np
+
+    from probes import auc_ci, save_probe, sensitivity_specificity, train_probe
+    from probes.curve import LabelTable
+
+    from .store import Store
+
+    store = Store(args.store)
+    table = LabelTable.read(args.labels, require_split=False)
+    has_split = any(table.splits)
+    rows = [i for i, s in enumerate(table.splits) if s == "train" or not has_split]
+    missing = [table.images[i] for i in rows if table.images[i] not in store]
+    if missing:
+        print(f"warning: {len(missing)} training image(s) have no embedding in {args.store} (e.g. {missing[0]})", file=sys.stderr)
+    rows = [i for i in rows if table.images[i] in store]
+    X = store.get([table.images[i] for i in rows])
+    probe = train_probe(X, table.labels[rows], kind=args.kind, identity=store.identity,
+                        threshold_method=args.threshold, target_sensitivity=args.target_sensitivity)
+    path = save_probe(probe, args.out, name=args.name, description=f"{args.kind} probe on {Path(args.labels).name}")
+    print(f"wrote {path}: {args.kind} probe, classes {probe.classes_.tolist()}, {len(rows)} training images, "
+          f"threshold {probe.threshold_} ({probe.threshold_info_['method']})")
+    test = [i for i, s in enumerate(table.splits) if s == "test" and table.images[i] in store]
+    if test and len(probe.classes_) == 2:
+        y = table.labels[test] == probe.classes_[1]
+        p = probe.predict_proba(store.get([table.images[i] for i in test]))[:, 1]
+        a = auc_ci(y, p)
+        sens, spec = sensitivity_specificity(y, p, probe.threshold_)
+        print(f"test split: AUC {a.auc:.3f} (95% CI {a.ci_low:.3f}-{a.ci_high:.3f}), "
+              f"sensitivity {sens:.3f}, specificity {spec:.3f} at the threshold; n={len(test)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cxr-embed", description="Chest X-ray embeddings, probes and an embedding service (PyTorch, open weights)."
@@ -160,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_merge(sub)
     _add_models(sub)
     _add_pretrain(sub)
+    _add_probes(sub)
     return parser
 
 

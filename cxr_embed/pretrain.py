@@ -340,8 +340,9 @@ def quick_probe_auc(emb: np.ndarray, keys: list[str]) -> float | None:
 
 def _git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "unknown"
+        proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=10)
+        return proc.stdout.strip() if proc.returncode == 0 and proc.stdout.strip() else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

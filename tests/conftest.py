@@ -42,3 +42,15 @@ def embedder():
     from cxr_embed import Embedder
 
     return Embedder("imagenet-effnet-lite0", batch_size=8)
+
+
+@pytest.fixture(scope="session")
+def tb_store(shared, tmp_path_factory):
+    """A real store of the TB task (326 images) embedded with the ImageNet baseline, built once."""
+    from cxr_embed.cli import main
+
+    out = tmp_path_factory.mktemp("stores") / "tb.imagenet.h5"
+    code = main(["embed", "--images", str(shared / "tasks" / "tb_shenzhen_mc.csv"), "--image-root", str(shared),
+                 "--out", str(out), "--model", "imagenet-effnet-lite0", "--no-progress"])
+    assert code == 0
+    return out

@@ -1,0 +1,256 @@
+"""Few-label probes on frozen embeddings, shaped like scikit-learn estimators.
+
+`Probe(kind="linear")`: standardisation + L2 logistic regression, strength chosen by stratified CV.
+`Probe(kind="gbm")`: LightGBM with small trees, a small learning rate, a minimum leaf size scaled to
+the data and the number of rounds chosen by CV.
+Both: balanced class weights; binary probes get Platt-calibrated probabilities fitted on
+cross-validated (out-of-fold) scores and an operating threshold chosen on those same scores.
+The fitted state is plain numbers (and LightGBM's text model), so a probe saves to JSON: no pickle.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
+
+from cxr_embed.errors import LabelError, ModelMismatch
+from cxr_embed.store import check_identity
+
+from .metrics import choose_threshold
+
+KINDS = ("linear", "gbm")
+MIN_PER_CLASS = 3  # below this no stratified cross-validation is possible
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
+
+
+class Probe(ClassifierMixin, BaseEstimator):
+    """A calibrated classifier on embeddings. Hyper-parameters in __init__, learned state ends in _."""
+
+    def __init__(
+        self,
+        kind: str = "linear",
+        Cs: tuple[float, ...] | None = None,
+        cv: int = 5,
+        threshold_method: str = "youden",
+        target_sensitivity: float = 0.9,
+        gbm_learning_rate: float = 0.05,
+        gbm_num_leaves: int = 7,
+        gbm_max_rounds: int = 400,
+        gbm_colsample: float = 0.3,
+        identity: dict | None = None,
+        random_state: int = 0,
+        n_jobs: int = 0,
+    ):
+        self.kind = kind
+        self.Cs = Cs
+        self.cv = cv
+        self.threshold_method = threshold_method
+        self.target_sensitivity = target_sensitivity
+        self.gbm_learning_rate = gbm_learning_rate
+        self.gbm_num_leaves = gbm_num_leaves
+        self.gbm_max_rounds = gbm_max_rounds
+        self.gbm_colsample = gbm_colsample
+        self.identity = identity
+        self.random_state = random_state
+        self.n_jobs = n_jobs
+
+    # --- fitting -------------------------------------------------------------------------------
+
+    def fit(self, X, y) -> "Probe":
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, not {self.kind!r}")
+        X = np.asarray(X, dtype=np.float32)
+        y = np.asarray(y)
+        if X.ndim != 2 or len(X) != len(y):
+            raise LabelError(f"embeddings {X.shape} and labels ({len(y)},) do not line up")
+        if not np.isfinite(X).all():
+            raise LabelError("embeddings hold NaN or infinite values")
+        self.classes_, y_idx = np.unique(y, return_inverse=True)
+        counts = np.bincount(y_idx)
+        if len(self.classes_) < 2:
+            raise LabelError(f"need at least two classes, got only {self.classes_.tolist()}")
+        if counts.min() < MIN_PER_CLASS:
+            detail = ", ".join(f"{c!r}: {n}" for c, n in zip(self.classes_.tolist(), counts.tolist()))
+            raise LabelError(f"each class needs at least {MIN_PER_CLASS} examples to train and cross-validate ({detail})")
+        self.n_features_in_ = X.shape[1]
+        folds = int(min(self.cv, counts.min(), 5 if len(X) <= 2000 else 3))
+        splitter = StratifiedKFold(folds, shuffle=True, random_state=self.random_state)
+        self.splits_ = list(splitter.split(X, y_idx))
+        weights = (len(y_idx) / (len(counts) * counts))[y_idx]  # balanced class weights
+        if self.kind == "linear":
+            oof = self._fit_linear(X, y_idx)
+        else:
+            oof = self._fit_gbm(X, y_idx, weights)
+        del self.splits_
+        self._fit_calibration(oof, y_idx)
+        return self
+
+    def _fit_linear(self, X: np.ndarray, y: np.ndarray) -> np.ndarray:
+        mean = X.mean(axis=0)
+        scale = X.std(axis=0)
+        scale[scale < 1e-8] = 1.0
+        Z = (X - mean) / scale
+        Cs = self.Cs or ((0.0003, 0.001, 0.003, 0.01, 0.03, 0.1) if len(X) <= 2000 else (0.001, 0.01, 0.1))
+        n_classes = len(self.classes_)
+        best = None
+        for C in Cs:
+            oof = np.zeros((len(X), n_classes if n_classes > 2 else 1))
+            for tr, te in self.splits_:
+                clf = self._logreg(C).fit(Z[tr], y[tr])
+                d = clf.decision_function(Z[te])
+                oof[te] = d.reshape(len(te), -1)
+            loss = self._cv_loss(oof, y)
+            if best is None or loss < best[0]:
+                best = (loss, C, oof)
+        _, self.C_, oof = best
+        clf = self._logreg(self.C_).fit(Z, y)
+        # Fold the standardisation into the weights: scores = X @ coef.T + intercept
+        coef = clf.coef_ / scale
+        self.linear_ = {"coef": coef.astype(np.float64), "intercept": (clf.intercept_ - coef @ mean).astype(np.float64)}
+        return oof
+
+    def _logreg(self, C: float) -> LogisticRegression:
+        return LogisticRegression(C=C, class_weight="balanced", max_iter=300, tol=1e-3)
+
+    @staticmethod
+    def _cv_loss(oof: np.ndarray, y: np.ndarray) -> float:
+        """Cross-validated log-loss of the raw scores: picks the strength that ranks and scales best."""
+        if oof.shape[1] == 1:
+            p = np.clip(_sigmoid(oof[:, 0]), 1e-7, 1 - 1e-7)
+            return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+        p = np.clip(_softmax(oof), 1e-7, 1.0)
+        return float(-np.mean(np.log(p[np.arange(len(y)), y])))
+
+    def _gbm_params(self, n: int) -> dict[str, Any]:
+        n_classes = len(self.classes_)
+        return {
+            "objective": "binary" if n_classes == 2 else "multiclass",
+            **({} if n_classes == 2 else {"num_class": n_classes}),
+            "learning_rate": self.gbm_learning_rate,
+            "num_leaves": self.gbm_num_leaves,
+            "max_depth": 3,
+            "min_data_in_leaf": int(max(3, min(50, n // 15))),
+            "min_sum_hessian_in_leaf": 1e-3,
+            "feature_fraction": self.gbm_colsample,
+            "bagging_fraction": 0.8 if n >= 100 else 1.0,
+            "bagging_freq": 1 if n >= 100 else 0,
+            "lambda_l2": 1.0,
+            "max_bin": 63,
+            "verbosity": -1,
+            "seed": self.random_state,
+            "deterministic": True,
+            "force_row_wise": True,
+            "num_threads": self.n_jobs or 0,
+        }
+
+    def _fit_gbm(self, X: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+        import lightgbm as lgb
+
+        params = self._gbm_params(len(X))
+        n_classes = len(self.classes_)
+        oof = np.zeros((len(X), n_classes if n_classes > 2 else 1))
+        rounds = []
+        for tr, te in self.splits_:
+            dtr = lgb.Dataset(X[tr], y[tr], weight=w[tr], free_raw_data=True)
+            dte = lgb.Dataset(X[te], y[te], weight=w[te], reference=dtr)
+            booster = lgb.train(params, dtr, self.gbm_max_rounds, valid_sets=[dte],
+                                callbacks=[lgb.early_stopping(30, verbose=False)])
+            rounds.append(booster.best_iteration or self.gbm_max_rounds)
+            oof[te] = booster.predict(X[te], raw_score=True, num_iteration=rounds[-1]).reshape(len(te), -1)
+        self.n_rounds_ = int(max(10, np.mean(rounds)))
+        booster = lgb.train(params, lgb.Dataset(X, y, weight=w), self.n_rounds_)
+        self.gbm_model_ = booster.model_to_string()
+        self._booster = booster
+        return oof
+
+    def _fit_calibration(self, oof: np.ndarray, y: np.ndarray) -> None:
+        if len(self.classes_) == 2:
+            s = oof[:, 0:1]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                platt = LogisticRegression(C=1e4).fit(s, y)
+            self.calibration_ = {"a": float(platt.coef_[0, 0]), "b": float(platt.intercept_[0])}
+            probs = _sigmoid(self.calibration_["a"] * s[:, 0] + self.calibration_["b"])
+            self.threshold_ = choose_threshold(y, probs, self.threshold_method, self.target_sensitivity)
+            self.threshold_info_ = {
+                "method": self.threshold_method,
+                **({"target_sensitivity": self.target_sensitivity} if self.threshold_method == "sensitivity" else {}),
+                "chosen_on": f"out-of-fold calibrated probabilities of {len(y)} training examples",
+            }
+        else:
+            self.calibration_ = None
+            self.threshold_ = None
+            self.threshold_info_ = {"method": "argmax", "chosen_on": "multi-class: the most probable class"}
+
+    # --- prediction ------------------------------------------------------------------------------
+
+    def _check(self, X) -> np.ndarray:
+        if not hasattr(self, "classes_"):
+            from sklearn.exceptions import NotFittedError
+
+            raise NotFittedError("this Probe is not fitted yet")
+        X = np.asarray(X, dtype=np.float32)
+        if X.ndim == 1:
+            X = X[None]
+        if X.shape[1] != self.n_features_in_:
+            raise ModelMismatch(f"embeddings have dimension {X.shape[1]}, the probe was trained on {self.n_features_in_}")
+        return X
+
+    def decision_function(self, X) -> np.ndarray:
+        """Raw scores: (n,) for binary probes (positive class = classes_[1]), (n, k) otherwise."""
+        X = self._check(X)
+        if self.kind == "linear":
+            z = X.astype(np.float64) @ self.linear_["coef"].T + self.linear_["intercept"]
+        else:
+            z = np.asarray(self._get_booster().predict(X, raw_score=True)).reshape(len(X), -1)
+        return z[:, 0] if z.shape[1] == 1 else z
+
+    def _get_booster(self):
+        if getattr(self, "_booster", None) is None:
+            import lightgbm as lgb
+
+            self._booster = lgb.Booster(model_str=self.gbm_model_)
+        return self._booster
+
+    def predict_proba(self, X) -> np.ndarray:
+        z = self.decision_function(X)
+        if len(self.classes_) == 2:
+            p = _sigmoid(self.calibration_["a"] * z + self.calibration_["b"])
+            return np.stack([1 - p, p], axis=1)
+        return _softmax(z)
+
+    def predict(self, X) -> np.ndarray:
+        proba = self.predict_proba(X)
+        if len(self.classes_) == 2:
+            return self.classes_[(proba[:, 1] >= self.threshold_).astype(int)]
+        return self.classes_[proba.argmax(axis=1)]
+
+    def check_model(self, identity: dict) -> None:
+        """Refuse embeddings from a model other than the one this probe was trained on."""
+        if self.identity is None:
+            return
+        check_identity(self.identity, identity, "these embeddings")
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = False
+        return tags
+
+
+def train_probe(embeddings, labels, kind: str = "linear", identity: dict | None = None, **params) -> Probe:
+    """Fit a calibrated probe (linear or gbm) on embeddings; `identity` ties it to its embedding model."""
+    return Probe(kind=kind, identity=identity, **params).fit(embeddings, labels)
