@@ -221,6 +221,65 @@ def _cmd_probe(args) -> int:
     return 0
 
 
+def _add_reference(sub) -> None:
+    p = sub.add_parser("reference", help="build the reference CXR set used to flag inputs that are not chest radiographs")
+    p.add_argument("--images", required=True, help="CSV with an 'image' column of frontal CXRs")
+    p.add_argument("--image-root")
+    p.add_argument("--model", default="imagenet-effnet-lite0", help="default: the chest-check model")
+    p.add_argument("--n", type=int, default=500, help="images drawn at random (seeded) from the CSV")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="default: next to the model weights, <model>.reference.npz")
+    p.set_defaults(func=_cmd_reference)
+
+
+def _cmd_reference(args) -> int:
+    import numpy as np
+
+    from .batch import list_inputs
+    from .chest import ReferenceSet
+    from .embedder import Embedder
+
+    items = list_inputs(args.images, args.image_root)
+    rng = np.random.default_rng(args.seed)
+    pick = sorted(rng.choice(len(items), size=min(args.n, len(items)), replace=False))
+    embedder = Embedder(args.model)
+    embs = embedder.embed([items[i].path for i in pick])
+    ref = ReferenceSet.build(embs, embedder.model.weights_hash)
+    out = args.out or ReferenceSet.path_for(embedder.model.name)
+    ref.save(out)
+    print(f"wrote {out}: {len(embs)} reference embeddings of {embedder.model.name}, threshold {ref.threshold:.4f}")
+    return 0
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="run the HTTP service (FastAPI under uvicorn)")
+    p.add_argument("--host", default=None, help="default 127.0.0.1 (CXR_EMBED_HOST)")
+    p.add_argument("--port", type=int, default=None, help="default 8000 (CXR_EMBED_PORT)")
+    p.add_argument("--model", default=None, help="model name or checkpoint (CXR_EMBED_MODEL; default: shipped model)")
+    p.add_argument("--probes", default=None, help="folder of saved probes, *.json (CXR_EMBED_PROBES)")
+    p.add_argument("--store", default=None, help="store for /search (CXR_EMBED_STORE)")
+    p.add_argument("--device", default=None, help="cpu, cuda ... (CXR_EMBED_DEVICE; default auto)")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.engine import Engine
+    from service.settings import ServiceSettings
+
+    settings = ServiceSettings.from_env(model=args.model, probes=args.probes, store=args.store, device=args.device)
+    engine = Engine(settings)
+    engine.load()  # refuse bad probes or stores here, with a message, before listening
+    host = args.host or os.environ.get("CXR_EMBED_HOST", "127.0.0.1")
+    port = args.port or int(os.environ.get("CXR_EMBED_PORT", "8000"))
+    print(f"serving {engine.model.name} ({len(engine.probes)} probes) on http://{host}:{port} - docs at /docs", flush=True)
+    uvicorn.run(create_app(settings, engine), host=host, port=port, log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cxr-embed", description="Chest X-ray embeddings, probes and an embedding service (PyTorch, open weights)."
@@ -232,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_models(sub)
     _add_pretrain(sub)
     _add_probes(sub)
+    _add_reference(sub)
+    _add_serve(sub)
     return parser
 
 

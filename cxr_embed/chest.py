@@ -1,0 +1,104 @@
+"""Is this a frontal chest radiograph? DICOM tags where present, the embedding itself where not.
+
+The image-based test compares an embedding with a reference set of CXR embeddings shipped beside the
+model weights (`weights/<model>.reference.npz`): an input whose most similar reference is less
+similar than every reference is to its own nearest neighbour does not look like a CXR.
+
+It always uses the ImageNet backbone's embedding (CHECK_MODEL), whichever model serves: SupCon
+training on a binary label folds the space around that label, and in it photographs, CT and
+extremity radiographs sit as close to the references as real CXRs do (measured, see BENCHMARKS.md),
+while the ImageNet space keeps them far apart.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .image import ImageInfo
+from .models import WEIGHTS_DIR, EmbeddingModel
+
+CHEST_MODALITIES = {"CR", "DX"}
+CHEST_BODY_PARTS = {"CHEST", "THORAX", "LUNG", "LUNGS", "TORAX", "TORSO", "PORT CHEST"}
+FRONTAL_VIEWS = {"AP", "PA", "APS", "PAS", "AP SUPINE", "FRONTAL"}
+CHECK_MODEL = "imagenet-effnet-lite0"
+
+
+@dataclass
+class ChestCheck:
+    is_frontal_cxr: bool
+    reasons: list[str] = field(default_factory=list)
+    nearest_reference_similarity: float | None = None
+    reference_threshold: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def tag_reasons(info: ImageInfo) -> list[str]:
+    """Reasons, from DICOM tags alone, to think an image is not a frontal chest radiograph."""
+    reasons = []
+    if info.modality and info.modality.upper() not in CHEST_MODALITIES:
+        reasons.append(f"DICOM modality is {info.modality}, not CR or DX radiography")
+    if info.body_part and info.body_part.upper() not in CHEST_BODY_PARTS:
+        reasons.append(f"DICOM body part examined is {info.body_part}, not CHEST")
+    if info.view_position and info.view_position.upper() not in FRONTAL_VIEWS:
+        reasons.append(f"DICOM view position is {info.view_position}, not a frontal (AP/PA) view")
+    return reasons
+
+
+class ReferenceSet:
+    """Normalised CXR embeddings of one model and the similarity below which an input is flagged."""
+
+    def __init__(self, embeddings: np.ndarray, threshold: float, weights_hash: str):
+        e = embeddings.astype(np.float32)
+        self.embeddings = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+        self.threshold = float(threshold)
+        self.weights_hash = weights_hash
+
+    @staticmethod
+    def path_for(model_name: str) -> Path:
+        return WEIGHTS_DIR / f"{model_name}.reference.npz"
+
+    @classmethod
+    def for_model(cls, model: EmbeddingModel) -> "ReferenceSet | None":
+        path = cls.path_for(model.name)
+        if not path.exists():
+            return None
+        with np.load(path, allow_pickle=False) as z:
+            ref = cls(z["embeddings"], float(z["threshold"]), str(z["weights_hash"]))
+        return ref if ref.weights_hash == model.weights_hash else None
+
+    @classmethod
+    def build(cls, embeddings: np.ndarray, weights_hash: str, quantile: float = 0.0) -> "ReferenceSet":
+        """Threshold: the `quantile` (default: the minimum) of the references' leave-one-out
+        nearest-neighbour similarities."""
+        ref = cls(embeddings, 0.0, weights_hash)
+        sims = ref.embeddings @ ref.embeddings.T
+        np.fill_diagonal(sims, -np.inf)
+        ref.threshold = float(np.quantile(sims.max(axis=1), quantile))
+        return ref
+
+    def save(self, path: str | os.PathLike) -> None:
+        np.savez_compressed(path, embeddings=self.embeddings.astype(np.float16), threshold=self.threshold,
+                            weights_hash=self.weights_hash)
+
+    def nearest_similarity(self, embeddings: np.ndarray) -> np.ndarray:
+        e = np.atleast_2d(embeddings).astype(np.float32)
+        e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+        return (e @ self.embeddings.T).max(axis=1)
+
+
+def check_chest(info: ImageInfo, embedding: np.ndarray | None, reference: ReferenceSet | None) -> ChestCheck:
+    reasons = tag_reasons(info)
+    sim = thr = None
+    if reference is not None and embedding is not None:
+        sim = float(reference.nearest_similarity(embedding)[0])
+        thr = reference.threshold
+        if sim < thr:
+            reasons.append(f"the image does not look like a chest radiograph: its embedding's similarity to the "
+                           f"nearest reference CXR is {sim:.3f}, below {thr:.3f}")
+    return ChestCheck(not reasons, reasons, sim, thr)

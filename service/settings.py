@@ -1,0 +1,54 @@
+"""Service settings: defaults, overridden by CXR_EMBED_* environment variables, then by CLI flags."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+ENV_PREFIX = "CXR_EMBED_"
+
+
+@dataclass
+class ServiceSettings:
+    model: str | None = None  # registered name or .safetensors path; None: the shipped default
+    probes: str | None = None  # folder of saved probes (*.json)
+    store: str | None = None  # HDF5 store for /search
+    device: str = "auto"
+    token: str | None = None  # bearer token; when set every route but /health needs it
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_files: int = 16
+    max_batch: int = 16  # images per forward pass
+    batch_wait_ms: float = 5.0  # how long the batcher waits for more images after the first
+    max_queue: int = 64  # images waiting for the model; beyond this requests get 429
+    decode_threads: int = 2
+    retry_after_s: int = 1
+
+    @classmethod
+    def from_env(cls, environ: dict | None = None, **overrides) -> "ServiceSettings":
+        env = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            try:
+                if kind.startswith("int"):
+                    values[f.name] = int(raw)
+                elif kind.startswith("float"):
+                    values[f.name] = float(raw)
+                else:
+                    values[f.name] = raw
+            except ValueError:
+                raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {kind}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def public_limits(self) -> dict:
+        return {
+            "max_body_bytes": self.max_body_bytes,
+            "max_files": self.max_files,
+            "max_batch": self.max_batch,
+            "batch_wait_ms": self.batch_wait_ms,
+            "max_queue": self.max_queue,
+        }

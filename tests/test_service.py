@@ -1,0 +1,262 @@
+"""The real service: uvicorn in a subprocess on 127.0.0.1, called over HTTP with httpx."""
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from cxr_embed import Store
+from probes import save_probe, train_probe
+from probes.curve import LabelTable
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, tmp, args, env=None):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp / f"server-{self.port}.log"
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cxr_embed", "serve", "--port", str(self.port), *args],
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        )
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        else:
+            raise RuntimeError("server did not start")
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def probe_dir(tb_store, shared, tmp_path_factory):
+    store = Store(tb_store)
+    table = LabelTable.read(shared / "tasks" / "tb_shenzhen_mc.csv")
+    tr = [i for i, s in enumerate(table.splits) if s == "train"]
+    X = store.get([table.images[i] for i in tr])
+    d = tmp_path_factory.mktemp("probes")
+    save_probe(train_probe(X, table.labels[tr], kind="linear", identity=store.identity), d / "tb.json")
+    save_probe(train_probe(X, table.labels[tr], kind="gbm", identity=store.identity), d / "tb-gbm.json")
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(probe_dir, tb_store, tmp_path_factory):
+    srv = Server(tmp_path_factory.mktemp("srv"),
+                 ["--model", "imagenet-effnet-lite0", "--probes", str(probe_dir), "--store", str(tb_store)],
+                 env={"CXR_EMBED_MAX_BODY_BYTES": str(8 * 1024 * 1024), "CXR_EMBED_MAX_FILES": "4",
+                      "CXR_EMBED_MAX_QUEUE": "6", "CXR_EMBED_MAX_BATCH": "4"})
+    yield srv
+    srv.stop()
+
+
+def _png(arr) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def post(server, path, data, ctype="application/dicom", **kw):
+    return httpx.post(server.url + path, content=data, headers={"content-type": ctype}, timeout=60, **kw)
+
+
+def test_health_ready_info_docs(server):
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    assert httpx.get(server.url + "/ready").status_code == 200
+    info = httpx.get(server.url + "/info").json()
+    assert info["model"]["model_name"] == "imagenet-effnet-lite0" and info["model"]["dim"] == 1280
+    assert set(info["probes"]) == {"tb", "tb-gbm"} and info["limits"]["max_files"] == 4
+    assert info["store"]["images"] == 326
+    assert httpx.get(server.url + "/docs").status_code == 200
+    assert "/embed" in httpx.get(server.url + "/openapi.json").json()["paths"]
+
+
+def test_embed_real_chest_dicom(server, dcm_dir):
+    r = post(server, "/embed", (dcm_dir / "RG1_UNCR.dcm").read_bytes())
+    assert r.status_code == 200
+    body = r.json()
+    res = body["results"][0]
+    assert res["ok"] and len(res["embedding"]) == 1280
+    assert body["model"]["weights_hash"] and body["model"]["preprocess_version"].startswith("cxr-pre-v1")
+    f = res["findings"]
+    assert f["modality"] == "CR" and f["view_position"] == "PA" and f["body_part"] == "CHEST"
+    assert f["original_size"] == [1955, 1841]
+    assert res["chest_check"]["is_frontal_cxr"] and "warning" not in res
+    s = res["scores"]["tb"]
+    assert 0 <= s["probability"] <= 1 and 0 < s["threshold"] < 1 and isinstance(s["positive"], bool)
+    assert s["reliable"] is True and set(res["scores"]) == {"tb", "tb-gbm"}
+    # the same file, base64 float32
+    b = post(server, "/embed?encoding=base64", (dcm_dir / "RG1_UNCR.dcm").read_bytes()).json()["results"][0]
+    vec = np.frombuffer(base64.b64decode(b["embedding_base64"]), "<f4")
+    np.testing.assert_allclose(vec, res["embedding"], atol=1e-5)
+
+
+def test_no_patient_data_in_logs_or_replies(server, dcm_dir):
+    ds = pydicom.dcmread(dcm_dir / "RG1_UNCR.dcm")
+    secrets = [str(v) for v in (ds.get("PatientName"), ds.get("PatientID"), ds.get("PatientBirthDate")) if v]
+    text = post(server, "/embed", (dcm_dir / "RG1_UNCR.dcm").read_bytes()).text
+    log = server.log_path.read_text(errors="replace")
+    for s in secrets:
+        assert s not in text and s not in log
+
+
+def test_not_a_chest_radiograph_is_flagged(server, dcm_dir, samples):
+    from skimage import data
+
+    cases = {
+        "tibia": (dcm_dir / "RG3_UNCR.dcm").read_bytes(),
+        "ct": (dcm_dir / "693_UNCR.dcm").read_bytes(),
+        "ultrasound": (dcm_dir / "US1_UNCR.dcm").read_bytes(),
+    }
+    for name, data_ in cases.items():
+        res = post(server, "/embed", data_).json()["results"][0]
+        assert res["ok"] and not res["chest_check"]["is_frontal_cxr"], name
+        assert "unreliable" in res["warning"] and res["scores"]["tb"]["reliable"] is False
+    tibia = post(server, "/predict", cases["tibia"]).json()["results"][0]
+    assert any("EXTREMITY" in r for r in tibia["chest_check"]["reasons"])
+    cat = post(server, "/embed", _png(data.chelsea()), "image/png").json()["results"][0]
+    assert not cat["chest_check"]["is_frontal_cxr"]
+    assert "does not look like a chest radiograph" in " ".join(cat["chest_check"]["reasons"])
+    for jpg in sorted(samples.glob("*.jpg")):
+        res = post(server, "/embed", jpg.read_bytes(), "image/jpeg").json()["results"][0]
+        assert res["chest_check"]["is_frontal_cxr"], (jpg.name, res["chest_check"])
+
+
+def test_multipart_reports_errors_per_image(server, dcm_dir, samples):
+    jpg = sorted(samples.glob("*.jpg"))[0]
+    files = [("files", ("chest.dcm", (dcm_dir / "RG1_J2KR.dcm").read_bytes(), "application/dicom")),
+             ("files", ("junk.bin", b"not an image at all" * 10, "application/octet-stream")),
+             ("files", ("cine.dcm", (dcm_dir / "liver.dcm").read_bytes(), "application/dicom")),
+             ("files", (jpg.name, jpg.read_bytes(), "image/jpeg"))]
+    r = httpx.post(server.url + "/embed", files=files, timeout=60)
+    assert r.status_code == 200
+    res = r.json()["results"]
+    assert [x["ok"] for x in res] == [True, False, False, True]
+    assert res[1]["error"]["code"] == "not_an_image" and res[1]["filename"] == "junk.bin"
+    assert res[2]["error"]["code"] == "multi_frame" and res[2]["error"]["status"] == 422
+    # lossless JPEG 2000 in a multipart form = the uncompressed file sent raw
+    raw = post(server, "/embed", (dcm_dir / "RG1_UNCR.dcm").read_bytes()).json()["results"][0]["embedding"]
+    np.testing.assert_allclose(res[0]["embedding"], raw, atol=1e-5)
+
+
+@pytest.mark.parametrize("data, ctype, status, code", [
+    (b"hello", "text/plain", 415, "unsupported_media_type"),
+    (b"{}", "application/json", 415, "unsupported_media_type"),
+    (b"", "application/dicom", 400, "empty_input"),
+    (b"this is not a dicom file" * 40, "application/dicom", 400, "not_an_image"),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 100, "image/png", 400, "truncated_or_corrupt"),
+])
+def test_bad_requests(server, data, ctype, status, code):
+    r = post(server, "/embed", data, ctype)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code
+
+
+def test_missing_content_type_is_415(server):
+    r = httpx.post(server.url + "/embed", content=b"\x00" * 10, headers={"content-type": ""})
+    assert r.status_code == 415
+
+
+def test_dicom_problems_are_422(server, dcm_dir):
+    assert post(server, "/embed", (dcm_dir / "emri_small_RLE.dcm").read_bytes()).status_code == 422
+    assert post(server, "/embed", (dcm_dir / "SC_rgb.dcm").read_bytes()).json()["error"]["code"] == "image_too_small"
+    ds = pydicom.dcmread(dcm_dir / "RG1_UNCR.dcm")
+    del ds.PixelData
+    del ds.Rows
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    r = post(server, "/embed", buf.getvalue())
+    assert r.status_code == 422 and r.json()["error"]["code"] == "no_pixel_data"
+    data = (dcm_dir / "RG1_UNCR.dcm").read_bytes()
+    assert post(server, "/embed", data[: len(data) // 3]).status_code == 400  # truncated
+
+
+def test_limits_413(server, dcm_dir, samples):
+    r = post(server, "/embed", b"\x00" * (9 * 1024 * 1024))
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    jpg = sorted(samples.glob("*.jpg"))[0].read_bytes()
+    files = [("files", (f"{i}.jpg", jpg, "image/jpeg")) for i in range(5)]
+    r = httpx.post(server.url + "/embed", files=files, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_files"
+
+
+def test_predict_and_search(server, dcm_dir, samples):
+    r = post(server, "/predict?probes=tb", (dcm_dir / "RG1_UNCR.dcm").read_bytes()).json()["results"][0]
+    assert "embedding" not in r and set(r["scores"]) == {"tb"}
+    assert post(server, "/predict?probes=nope", (dcm_dir / "RG1_UNCR.dcm").read_bytes()).status_code == 404
+    jpg = sorted(samples.glob("*.jpg"))[0].read_bytes()
+    s = post(server, "/search?k=3", jpg, "image/jpeg").json()["results"][0]
+    assert len(s["neighbours"]) == 3
+    n = s["neighbours"][0]
+    assert n["image_id"].startswith("images/") and -1 <= n["similarity"] <= 1 and "label" in n["metadata"]
+
+
+def test_concurrent_burst_only_200_or_429(server, samples):
+    jpgs = [p.read_bytes() for p in sorted(samples.glob("*.jpg"))]
+
+    def one(i):
+        files = [("files", (f"{j}.jpg", jpgs[(i + j) % len(jpgs)], "image/jpeg")) for j in range(3)]
+        return httpx.post(server.url + "/embed", files=files, timeout=120)
+
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(one, range(32)))
+    codes = [r.status_code for r in replies]
+    assert set(codes) <= {200, 429}, codes
+    assert codes.count(200) >= 1
+    for r in replies:
+        if r.status_code == 429:
+            assert r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "queue_full"
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'cxr_embed_requests_total{route="/embed",method="POST",status="200"}' in metrics
+    assert "cxr_embed_queue_depth" in metrics and "cxr_embed_request_seconds_bucket" in metrics
+    assert httpx.get(server.url + "/health").status_code == 200  # the worker survived
+
+
+def test_bearer_token(tmp_path, samples):
+    srv = Server(tmp_path, ["--model", "imagenet-effnet-lite0"], env={"CXR_EMBED_TOKEN": "s3cret"})
+    try:
+        jpg = sorted(samples.glob("*.jpg"))[0].read_bytes()
+        assert httpx.get(srv.url + "/health").status_code == 200
+        assert httpx.get(srv.url + "/info").status_code == 401
+        assert post(srv, "/embed", jpg, "image/jpeg").status_code == 401
+        ok = httpx.post(
+            srv.url + "/embed", content=jpg, headers={"content-type": "image/jpeg", "authorization": "Bearer s3cret"}, timeout=60)
+        assert ok.status_code == 200 and ok.json()["results"][0]["ok"]
+    finally:
+        srv.stop()
+
+
+def test_probe_of_another_model_refused_at_start(probe_dir):
+    proc = subprocess.run([sys.executable, "-m", "cxr_embed", "serve", "--port", str(_free_port()),
+                           "--probes", str(probe_dir)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "different model" in proc.stderr and "tb" in proc.stderr
