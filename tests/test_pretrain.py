@@ -1,0 +1,113 @@
+"""SupCon pretraining on real CXRs, tiny sizes so it runs on the CPU in seconds."""
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from cxr_embed import create_model
+from cxr_embed.augment import AugmentConfig, augment
+from cxr_embed.cli import main
+from cxr_embed.errors import CxrEmbedError
+from cxr_embed.models import read_checkpoint_metadata
+from cxr_embed.pretrain import ClassBalancedBatches, PretrainConfig
+
+
+@pytest.fixture(scope="module")
+def small_pool(shared, tmp_path_factory):
+    rows = list(csv.DictReader(open(shared / "pretrain.csv")))
+    rng = np.random.default_rng(0)
+    pick = [rows[i] for i in rng.choice(len(rows), 48, replace=False)]
+    pick[0]["abnormal"], pick[1]["abnormal"] = "0", "1"
+    path = tmp_path_factory.mktemp("pool") / "pool.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(pick)
+    return path
+
+
+def _config(tmp_path, pool, shared, **kw):
+    cfg = {"labels": str(pool), "image_root": str(shared), "out_dir": str(tmp_path / "run"), "input_size": 64,
+           "batch_size": 16, "epochs": 3, "holdout": 10, "log_every": 1, "checkpoint_every": 1, "warmup_steps": 2,
+           "threads": 2, **kw}
+    path = tmp_path / "cfg.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_config_files_and_unknown_keys(tmp_path):
+    (tmp_path / "a.toml").write_text('epochs = 3\nlabel_columns = ["a", "b"]\n[augment]\nnoise = 0.0\n')
+    cfg = PretrainConfig.from_file(tmp_path / "a.toml")
+    assert cfg.epochs == 3 and cfg.label_columns == ["a", "b"] and cfg.augment.noise == 0.0
+    (tmp_path / "b.yaml").write_text("epocs: 3\n")
+    with pytest.raises(CxrEmbedError, match="unknown setting.*epocs"):
+        PretrainConfig.from_file(tmp_path / "b.yaml")
+
+
+def test_augment_shapes_and_determinism():
+    imgs = torch.randint(0, 256, (4, 64, 64), dtype=torch.uint8)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    a, b = augment(imgs, AugmentConfig(), g1), augment(imgs, AugmentConfig(), g2)
+    assert a.shape == (4, 3, 64, 64) and torch.equal(a, b)
+    assert a.min() >= -1 and a.max() <= 1
+    assert not torch.equal(a, augment(imgs, AugmentConfig(), g1))
+
+
+def test_sampler_keeps_several_of_each_class():
+    labels = np.array([0] * 90 + [1] * 30 + [2] * 6)
+    s = ClassBalancedBatches(labels, batch_size=24, classes_per_batch=3, seed=0)
+    for batch in s.epoch(0):
+        assert len(batch) == 24 and all((labels[batch] == c).sum() == 8 for c in range(3))
+    assert [b.tolist() for b in s.epoch(1)] == [b.tolist() for b in s.epoch(1)]
+
+
+def test_pretrain_runs_resumes_and_writes_a_loadable_checkpoint(tmp_path, small_pool, shared, capsys):
+    cfg = _config(tmp_path, small_pool, shared, max_steps=2)
+    assert main(["pretrain", "--config", str(cfg), "--no-progress"]) == 0
+    assert main(["pretrain", "--config", str(cfg), "--set", "max_steps=3", "--no-progress"]) == 0
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    events = [e["event"] for e in log]
+    assert "resumed" in events and [e for e in log if e["event"] == "resumed"][0]["step"] == 2
+    assert [e["step"] for e in log if e["event"] == "train"][-1] == 3
+    assert all(e["holdout_auc"] is None or 0 <= e["holdout_auc"] <= 1 for e in log if e["event"] == "quick_probe")
+    ckpt = tmp_path / "run" / "cxr-supcon-effnet-lite0.safetensors"
+    model = create_model(str(ckpt))
+    base = create_model("imagenet-effnet-lite0")
+    assert model.name == "cxr-supcon-effnet-lite0" and model.weights_hash != base.weights_hash
+    meta = read_checkpoint_metadata(ckpt)
+    assert json.loads(meta["config"])["batch_size"] == 16 and len(meta["data_hash"]) == 16
+    assert {"git_commit", "hardware", "train_seconds", "preprocess"} <= set(meta)
+
+
+def test_multi_label_columns(tmp_path, shared):
+    rows = list(csv.DictReader(open(shared / "tasks" / "nih_findings.csv")))[:40]
+    path = tmp_path / "nih.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    cfg = _config(tmp_path, path, shared, label_columns=["Effusion", "Infiltration", "no_finding"], max_steps=1,
+                  min_class_count=2, holdout=5)
+    assert main(["pretrain", "--config", str(cfg), "--no-progress"]) == 0
+    events = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert events[-1]["event"] == "done"
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_on_cpu_with_gloo(tmp_path, small_pool, shared):
+    torchrun = shutil.which("torchrun") or pytest.skip("torchrun not on PATH")
+    cfg = _config(tmp_path, small_pool, shared, max_steps=2, threads=1, batch_size=8)
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "cxr_embed", "pretrain",
+                           "--config", str(cfg), "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert [e for e in log if e["event"] == "start"][0]["world"] == 2
+    assert (tmp_path / "run" / "cxr-supcon-effnet-lite0.safetensors").exists()
