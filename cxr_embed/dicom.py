@@ -97,7 +97,9 @@ def read_dicom(data: bytes) -> DecodedImage:
     )
 
     try:
-        arr = ds.pixel_array
+        arr = _native_pixels(ds)
+        if arr is None:
+            arr = ds.pixel_array
     except (ValueError, EOFError, OSError, IndexError) as exc:
         text = str(exc)
         if "plugin" in text.lower() or "decod" in text.lower() and "available" in text.lower():
@@ -123,6 +125,35 @@ def read_dicom(data: bytes) -> DecodedImage:
     else:
         raise UnsupportedImage(f"unsupported PhotometricInterpretation {photometric or '(missing)'}")
     return DecodedImage(pixels=grey, info=info)
+
+
+_NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}  # implicit / explicit VR little endian
+
+
+def _native_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
+    """Zero-copy view of uncompressed little-endian single-frame grey pixel data, or None.
+
+    pydicom's general decoder copies and validates; for the common uncompressed radiograph the
+    array is just the bytes, so read them directly (and mask bits above BitsStored, as pydicom does).
+    """
+    tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if str(tsyntax) not in _NATIVE_LE or "PixelData" not in ds:
+        return None
+    if ds.get("SamplesPerPixel", 1) != 1 or ds.get("PixelRepresentation", 0) != 0:
+        return None
+    bits_alloc, bits_stored = int(ds.get("BitsAllocated", 0) or 0), int(ds.get("BitsStored", 0) or 0)
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    dtype = {8: np.uint8, 16: np.dtype("<u2")}.get(bits_alloc)
+    if dtype is None or not rows or not cols or not 0 < bits_stored <= bits_alloc:
+        return None
+    raw = ds.PixelData
+    need = rows * cols * np.dtype(dtype).itemsize
+    if len(raw) < need:
+        raise TruncatedImage(f"pixel data holds {len(raw)} bytes, {rows}x{cols}x{bits_alloc} bits need {need}")
+    arr = np.frombuffer(raw, dtype=dtype, count=rows * cols).reshape(rows, cols)
+    if bits_stored < bits_alloc:
+        arr = arr & np.asarray((1 << bits_stored) - 1, dtype=arr.dtype)
+    return arr
 
 
 def _grey_pipeline(ds: pydicom.Dataset, arr: np.ndarray, info: ImageInfo) -> np.ndarray:

@@ -275,6 +275,10 @@ def plot_curve(summary: list[dict], path: Path, title: str) -> None:
             ax.fill_between(x, [r["auc_ci_low"] for r in rows], [r["auc_ci_high"] for r in rows], color=colour,
                             alpha=0.12 if kind == "linear" else 0.07)
     ax.set_xscale("log")
+    ticks = sorted({r["n_train"] for r in summary})
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(t) for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("labelled training images (log scale)")
     ax.set_ylabel("test AUC (mean; band: 95% range)")
     ax.set_title(title, fontsize=10)

@@ -160,3 +160,18 @@ def test_preprocess_is_letterboxed_and_versioned():
     # content is 224 tall and 112 wide in the middle; the rest is black padding (-1 after normalisation)
     assert torch.all(t[:, :, :50] == -1.0) and torch.allclose(t[:, :, 60:160], torch.ones(1), atol=1e-5)
     assert PREPROCESS_VERSION in PreprocessConfig().identity
+
+
+def test_fast_native_pixel_path_matches_pydicom(dcm_dir):
+    import pydicom
+
+    from cxr_embed.dicom import _native_pixels
+
+    checked = 0
+    for name in ["RG1_UNCR.dcm", "RG3_UNCR.dcm", "MR2_UNCR.dcm", "mlut_18.dcm", "vlut_04.dcm", "JPEG2000_UNC.dcm"]:
+        ds = pydicom.dcmread(dcm_dir / name)
+        fast = _native_pixels(ds)
+        if fast is not None:
+            assert np.array_equal(fast, ds.pixel_array), name
+            checked += 1
+    assert checked >= 3
