@@ -183,6 +183,9 @@ def _cmd_curve(args) -> int:
     print(f"{'model':<28} {'probe':<7} {'n_train':>7} {'AUC':>6}  95% range")
     for r in res.summary:
         print(f"{r['model']:<28} {r['probe']:<7} {r['n_train']:>7} {r['auc_mean']:>6.3f}  {r['auc_ci_low']:.3f}-{r['auc_ci_high']:.3f}")
+    for c in res.comparisons:
+        print(f"full training split, {c['probe']}: {c['model_a']} AUC {c['auc_a']:.3f} vs {c['model_b']} "
+              f"{c['auc_b']:.3f}, paired DeLong p = {c['delong_p']:.3g}")
     shares = ", ".join(f"{k} {v:.1f} s" for k, v in res.seconds_by_probe.items())
     print(f"wrote {args.out}/curve.csv, summary.csv, curve.png in {res.seconds:.1f} s ({shares})")
     return 0

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from cxr_embed.errors import LabelError
 from cxr_embed.store import Store
 
-from .metrics import auc_ci
+from .metrics import auc_ci, delong_test
 from .probe import train_probe
 
 MIN_PER_CLASS = 5  # every drawn training set holds at least this many of each class
@@ -112,6 +112,7 @@ class CurveResult:
     rows: list[dict] = field(default_factory=list)
     summary: list[dict] = field(default_factory=list)
     missing: dict[str, list[str]] = field(default_factory=dict)
+    comparisons: list[dict] = field(default_factory=list)  # paired DeLong tests on the full training split
     seconds_by_probe: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     seconds: float = 0.0
 
@@ -184,6 +185,7 @@ def run_curve(
     total = len(plan) * len(opened) * len(probes)
     bar = tqdm(total=total, unit="probe", desc=f"curve {table.task}", disable=not progress, file=sys.stderr, mininterval=1.0)
     scores_by_key: dict[tuple, list[float]] = defaultdict(list)
+    full_scores: dict[tuple, np.ndarray] = {}
     try:
         for size, rep, idx in plan:
             for s_i, name in enumerate(names):
@@ -203,6 +205,8 @@ def run_curve(
                     result.rows.append(row)
                     scores_by_key[(name, kind, str(size))].append(auc)
                     if size == "full" or len(idx) == len(tr_images):
+                        if not multiclass:
+                            full_scores[(name, kind)] = proba[:, list(probe.classes_).index(positive)]
                         ci = auc_ci(te_y == positive, proba[:, list(probe.classes_).index(positive)]) if not multiclass else None
                         scores_by_key[(name, kind, str(size), "ci")] = [ci.ci_low, ci.ci_high] if ci else [auc, auc]
                     bar.update(1)
@@ -225,11 +229,20 @@ def run_curve(
                     "auc_mean": round(float(aucs.mean()), 4), "auc_ci_low": round(float(lo), 4),
                     "auc_ci_high": round(float(hi), 4), "ci_method": method,
                 })
+    for kind in probes:  # the first store against each other one, same test set: paired DeLong
+        for other in names[1:]:
+            if (names[0], kind) in full_scores and (other, kind) in full_scores:
+                t = delong_test(te_y == positive, full_scores[(names[0], kind)], full_scores[(other, kind)])
+                result.comparisons.append({"task": table.task, "probe": kind, "model_a": names[0], "model_b": other,
+                                           "n_train": len(tr_images), "auc_a": round(t.auc_a, 4),
+                                           "auc_b": round(t.auc_b, 4), "difference": round(t.difference, 4),
+                                           "delong_p": float(f"{t.p_value:.4g}")})
     result.seconds = time.perf_counter() - start
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(out / "curve.csv", result.rows)
     _write_csv(out / "summary.csv", result.summary)
+    _write_csv(out / "comparison.csv", result.comparisons)
     plot_curve(result.summary, out / "curve.png", title=f"{table.task}: AUC vs. labelled training images "
                f"(test n={len(te_y)}{', external' if ext else ''})")
     return result

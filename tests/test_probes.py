@@ -150,6 +150,19 @@ def test_curve_command(tb_store, shared, tmp_path, capsys):
     full = [r for r in summary if r["size"] == "full"]
     assert all(int(r["n_train"]) == 228 for r in full)
     assert (out / "curve.png").stat().st_size > 10_000
+    assert (out / "curve.csv").exists() and not (out / "comparison.csv").exists()  # one store: nothing to compare
+
+
+def test_curve_compares_two_stores_with_delong(tb_store, shared, tmp_path, capsys):
+    other = tmp_path / "copy.h5"
+    other.write_bytes(tb_store.read_bytes())
+    out = tmp_path / "cmp"
+    assert main(["curve", "--store", str(tb_store), "--store", str(other), "--labels",
+                 str(shared / "tasks" / "tb_shenzhen_mc.csv"), "--sizes", "45,full", "--repeats", "2",
+                 "--probe", "linear", "--out", str(out), "--no-progress"]) == 0
+    rows = list(csv.DictReader(open(out / "comparison.csv")))
+    assert len(rows) == 1 and float(rows[0]["difference"]) == 0.0 and float(rows[0]["delong_p"]) == 1.0
+    assert "paired DeLong p = 1" in capsys.readouterr().out
 
 
 def test_probe_command_and_label_errors(tb_store, shared, tmp_path, capsys):
