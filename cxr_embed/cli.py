@@ -275,11 +275,12 @@ def _cmd_serve(args) -> int:
 
     settings = ServiceSettings.from_env(model=args.model, probes=args.probes, store=args.store, device=args.device)
     engine = Engine(settings)
-    engine.load()  # refuse bad probes or stores here, with a message, before listening
     host = args.host or os.environ.get("CXR_EMBED_HOST", "127.0.0.1")
     port = args.port or int(os.environ.get("CXR_EMBED_PORT", "8000"))
-    print(f"serving {engine.model.name} ({len(engine.probes)} probes) on http://{host}:{port} - docs at /docs", flush=True)
-    uvicorn.run(create_app(settings, engine), host=host, port=port, log_level=args.log_level)
+    print(f"serving on http://{host}:{port} (docs at /docs); /ready answers 503 until the model is loaded", flush=True)
+    uvicorn.run(create_app(settings, engine, exit_on_load_error=True), host=host, port=port, log_level=args.log_level)
+    if engine.load_error:
+        raise CxrEmbedError(f"could not start: {engine.load_error}")
     return 0
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from .dicom import looks_like_dicom, read_dicom
-from .errors import EmptyInput, ImageTooSmall, InputError, NotAnImage
+from .errors import EmptyInput, ImageTooSmall, InputError, NotAnImage, UnsupportedImage
 from .image import JPEG_MAGIC, PNG_MAGIC, DecodedImage, ImageInfo, array_to_grey, read_raster
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray, Image.Image, DecodedImage]
@@ -52,6 +52,16 @@ def load_image(source: ImageSource, min_side: int = MIN_SIDE) -> DecodedImage:
 
 
 def decode_bytes(data: bytes) -> DecodedImage:
+    """Decode DICOM/PNG/JPEG bytes; whatever goes wrong inside a decoder becomes an InputError."""
+    try:
+        return _decode_bytes(data)
+    except InputError:
+        raise
+    except Exception as exc:  # a decoder library's own failure on hostile or odd input
+        raise UnsupportedImage(f"the image could not be decoded: {type(exc).__name__}: {exc}") from exc
+
+
+def _decode_bytes(data: bytes) -> DecodedImage:
     if len(data) == 0:
         raise EmptyInput("empty file (0 bytes)")
     if data.startswith(PNG_MAGIC) or data.startswith(JPEG_MAGIC):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
+import signal
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -64,7 +66,10 @@ def problem(exc: Exception, settings: ServiceSettings) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
-def create_app(settings: ServiceSettings | None = None, engine: Engine | None = None) -> FastAPI:
+def create_app(settings: ServiceSettings | None = None, engine: Engine | None = None,
+               exit_on_load_error: bool = False) -> FastAPI:
+    """The app. The model loads in the background at start-up; with `exit_on_load_error` a failed
+    load (say, a probe of another model) stops the server instead of leaving /ready at 503."""
     settings = settings or ServiceSettings.from_env()
     engine = engine or Engine(settings)
     metrics = Metrics()
@@ -76,9 +81,11 @@ def create_app(settings: ServiceSettings | None = None, engine: Engine | None = 
             try:
                 engine.load()
                 log.info("model %s ready (%d probes)", engine.model.name, len(engine.probes))
-            except Exception as exc:  # reported by /ready; the process stays up to say why
-                engine.load_error = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # reported by /ready, or the server stops (exit_on_load_error)
+                engine.load_error = str(exc) if isinstance(exc, CxrEmbedError) else f"{type(exc).__name__}: {exc}"
                 log.error("loading failed: %s", engine.load_error)
+                if exit_on_load_error:
+                    os.kill(os.getpid(), signal.SIGINT)
 
         if not engine.ready:
             threading.Thread(target=load, name="cxr-load", daemon=True).start()
@@ -189,7 +196,7 @@ def create_app(settings: ServiceSettings | None = None, engine: Engine | None = 
     @app.post("/predict", summary="Probe scores only (optionally for named probes)")
     async def predict(request: Request, probes: str | None = Query(None, description="comma-separated probe names")):
         names = [p.strip() for p in probes.split(",") if p.strip()] if probes else None
-        if names:
+        if names and engine.ready:
             engine.score(np.zeros(engine.model.dim, np.float32), names)  # unknown names: 404 before any work
         return await handle(request, False, probe_names=names)
 

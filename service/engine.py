@@ -138,7 +138,8 @@ class Engine:
             try:
                 embs, check = self._forward(torch.stack([j.tensor for j in jobs]))
                 for n, job in enumerate(jobs):
-                    job.future.set_result((embs[n], check[n] if check is not None else None))
+                    if not job.future.done():
+                        job.future.set_result((embs[n], check[n] if check is not None else None))
                 self.images_embedded += len(jobs)
                 self.batches_run += 1
             except Exception as exc:  # a model failure must reach the waiting requests, not kill the thread

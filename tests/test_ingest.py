@@ -175,3 +175,15 @@ def test_fast_native_pixel_path_matches_pydicom(dcm_dir):
             assert np.array_equal(fast, ds.pixel_array), name
             checked += 1
     assert checked >= 3
+
+
+def test_decoder_failures_become_input_errors(monkeypatch, samples):
+    """Whatever a decoder library raises on odd input is reported as an InputError, never a crash."""
+    import cxr_embed.ingest as ingest
+
+    def boom(data):
+        raise RecursionError("decoder blew up")
+
+    monkeypatch.setattr(ingest, "read_raster", boom)
+    with pytest.raises(InputError, match="could not be decoded: RecursionError"):
+        load_image(next(samples.glob("*.jpg")))

@@ -36,13 +36,19 @@ class Server:
             [sys.executable, "-m", "cxr_embed", "serve", "--port", str(self.port), *args],
             stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         )
+        token = (env or {}).get("CXR_EMBED_TOKEN")
+        headers = {"authorization": f"Bearer {token}"} if token else {}
         deadline = time.time() + 120
+        self.saw_503 = False
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {self.log_path.read_text()[-2000:]}")
             try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                code = httpx.get(self.url + "/ready", headers=headers, timeout=1).status_code
+                self.saw_503 |= code == 503
+                if code == 200:
                     break
+                time.sleep(0.1)
             except httpx.HTTPError:
                 time.sleep(0.3)
         else:
@@ -260,3 +266,30 @@ def test_probe_of_another_model_refused_at_start(probe_dir):
                            "--probes", str(probe_dir)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "different model" in proc.stderr and "tb" in proc.stderr
+
+
+def test_ready_is_503_until_loaded():
+    """In process, before the engine has loaded: /health up, /ready and work routes 503 with Retry-After."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.engine import Engine
+    from service.settings import ServiceSettings
+
+    settings = ServiceSettings.from_env({}, model="imagenet-effnet-lite0")
+    client = TestClient(create_app(settings, Engine(settings)))  # no lifespan: nothing loads
+    assert client.get("/health").status_code == 200
+    r = client.get("/ready")
+    assert r.status_code == 503 and r.headers["retry-after"] == "1" and r.json()["status"] == "loading"
+    r = client.post("/predict?probes=x", content=b"\xff\xd8\xff" + b"\x00" * 300, headers={"content-type": "image/jpeg"})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+    assert client.get("/info").status_code == 503
+
+
+def test_settings_from_environment():
+    from service.settings import ServiceSettings
+
+    s = ServiceSettings.from_env({"CXR_EMBED_MAX_FILES": "3", "CXR_EMBED_BATCH_WAIT_MS": "2.5", "CXR_EMBED_TOKEN": "t"})
+    assert s.max_files == 3 and s.batch_wait_ms == 2.5 and s.token == "t"
+    with pytest.raises(ValueError, match="CXR_EMBED_MAX_QUEUE"):
+        ServiceSettings.from_env({"CXR_EMBED_MAX_QUEUE": "lots"})
