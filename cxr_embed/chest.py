@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from .image import ImageInfo
 from .models import WEIGHTS_DIR, EmbeddingModel
@@ -25,6 +27,15 @@ CHEST_MODALITIES = {"CR", "DX"}
 CHEST_BODY_PARTS = {"CHEST", "THORAX", "LUNG", "LUNGS", "TORAX", "TORSO", "PORT CHEST"}
 FRONTAL_VIEWS = {"AP", "PA", "APS", "PAS", "AP SUPINE", "FRONTAL"}
 CHECK_MODEL = "imagenet-effnet-lite0"
+CHECK_SIZE = 128  # the check looks at a 128 px copy: a third of a 224 px forward pass, same separation (BENCHMARKS.md)
+
+
+@torch.inference_mode()
+def check_embeddings(model: EmbeddingModel, batch: torch.Tensor, size: int = CHECK_SIZE) -> np.ndarray:
+    """Embeddings for the chest check from canonical model inputs (N, 3, 224, 224), resized to `size`."""
+    if batch.shape[-1] != size:
+        batch = F.interpolate(batch, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return model(batch).float().cpu().numpy()
 
 
 @dataclass
@@ -53,11 +64,12 @@ def tag_reasons(info: ImageInfo) -> list[str]:
 class ReferenceSet:
     """Normalised CXR embeddings of one model and the similarity below which an input is flagged."""
 
-    def __init__(self, embeddings: np.ndarray, threshold: float, weights_hash: str):
+    def __init__(self, embeddings: np.ndarray, threshold: float, weights_hash: str, size: int = CHECK_SIZE):
         e = embeddings.astype(np.float32)
         self.embeddings = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
         self.threshold = float(threshold)
         self.weights_hash = weights_hash
+        self.size = int(size)
 
     @staticmethod
     def path_for(model_name: str) -> Path:
@@ -69,14 +81,14 @@ class ReferenceSet:
         if not path.exists():
             return None
         with np.load(path, allow_pickle=False) as z:
-            ref = cls(z["embeddings"], float(z["threshold"]), str(z["weights_hash"]))
+            ref = cls(z["embeddings"], float(z["threshold"]), str(z["weights_hash"]), int(z["size"]))
         return ref if ref.weights_hash == model.weights_hash else None
 
     @classmethod
-    def build(cls, embeddings: np.ndarray, weights_hash: str, quantile: float = 0.0) -> "ReferenceSet":
+    def build(cls, embeddings: np.ndarray, weights_hash: str, size: int = CHECK_SIZE, quantile: float = 0.0) -> "ReferenceSet":
         """Threshold: the `quantile` (default: the minimum) of the references' leave-one-out
         nearest-neighbour similarities."""
-        ref = cls(embeddings, 0.0, weights_hash)
+        ref = cls(embeddings, 0.0, weights_hash, size)
         sims = ref.embeddings @ ref.embeddings.T
         np.fill_diagonal(sims, -np.inf)
         ref.threshold = float(np.quantile(sims.max(axis=1), quantile))
@@ -84,7 +96,7 @@ class ReferenceSet:
 
     def save(self, path: str | os.PathLike) -> None:
         np.savez_compressed(path, embeddings=self.embeddings.astype(np.float16), threshold=self.threshold,
-                            weights_hash=self.weights_hash)
+                            weights_hash=self.weights_hash, size=self.size)
 
     def nearest_similarity(self, embeddings: np.ndarray) -> np.ndarray:
         e = np.atleast_2d(embeddings).astype(np.float32)

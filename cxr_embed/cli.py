@@ -231,26 +231,31 @@ def _add_reference(sub) -> None:
     p.add_argument("--model", default="imagenet-effnet-lite0", help="default: the chest-check model")
     p.add_argument("--n", type=int, default=500, help="images drawn at random (seeded) from the CSV")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=128, help="input size of the check (default 128)")
     p.add_argument("--out", help="default: next to the model weights, <model>.reference.npz")
     p.set_defaults(func=_cmd_reference)
 
 
 def _cmd_reference(args) -> int:
     import numpy as np
+    import torch
 
     from .batch import list_inputs
-    from .chest import ReferenceSet
+    from .chest import ReferenceSet, check_embeddings
     from .embedder import Embedder
 
     items = list_inputs(args.images, args.image_root)
     rng = np.random.default_rng(args.seed)
     pick = sorted(rng.choice(len(items), size=min(args.n, len(items)), replace=False))
-    embedder = Embedder(args.model)
-    embs = embedder.embed([items[i].path for i in pick])
-    ref = ReferenceSet.build(embs, embedder.model.weights_hash)
+    embedder = Embedder(args.model, device="cpu")
+    tensors = [embedder.prepare(items[i].path)[0] for i in pick]
+    embs = np.concatenate([check_embeddings(embedder.model, torch.stack(tensors[i : i + 32]), args.size)
+                           for i in range(0, len(tensors), 32)])
+    ref = ReferenceSet.build(embs, embedder.model.weights_hash, size=args.size)
     out = args.out or ReferenceSet.path_for(embedder.model.name)
     ref.save(out)
-    print(f"wrote {out}: {len(embs)} reference embeddings of {embedder.model.name}, threshold {ref.threshold:.4f}")
+    print(f"wrote {out}: {len(embs)} reference embeddings of {embedder.model.name} at {args.size} px, "
+          f"threshold {ref.threshold:.4f}")
     return 0
 
 

@@ -238,9 +238,10 @@ def create_app(settings: ServiceSettings | None = None, engine: Engine | None = 
             raise NotReady("the model is still loading")
         return {
             "model": engine.model.identity,
-            "chest_check": {"model": engine.check_model.name, "reference_images": 0 if engine.reference is None
-                            else len(engine.reference.embeddings), "threshold": None if engine.reference is None
-                            else engine.reference.threshold},
+            "chest_check": {"by_image": engine.reference is not None,
+                            "model": None if engine.reference is None else engine.check_model.name,
+                            "reference_images": 0 if engine.reference is None else len(engine.reference.embeddings),
+                            "threshold": None if engine.reference is None else engine.reference.threshold},
             "probes": {n: {"classes": [c.item() if hasattr(c, "item") else c for c in p.classes_],
                            "kind": p.kind, "threshold": p.threshold_, "threshold_info": p.threshold_info_,
                            "description": getattr(p, "description", "")} for n, p in engine.probes.items()},

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxr_embed.chest import CHECK_MODEL, ChestCheck, ReferenceSet, check_chest
+from cxr_embed.chest import CHECK_MODEL, ChestCheck, ReferenceSet, check_chest, check_embeddings
 from cxr_embed.embedder import pick_device
 from cxr_embed.errors import CxrEmbedError, InputError
 from cxr_embed.image import ImageInfo
@@ -73,6 +73,7 @@ class Engine:
         self.batches_run = 0
         self._queue: queue.Queue[_Job] = queue.Queue(maxsize=settings.max_queue)
         self._in_flight = 0
+        self._decoding = 0  # images being decoded now: the batcher waits for them, not for nothing
         self._lock = threading.Lock()
         self._decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="cxr-decode")
         self._worker: threading.Thread | None = None
@@ -89,9 +90,13 @@ class Engine:
         self.model = create_model(self.settings.model, device=device)
         if self.model.name == CHECK_MODEL:
             self.check_model = self.model
-        else:
+        elif self.settings.image_check:
             self.check_model = create_model(CHECK_MODEL, device=device)
-        self.reference = ReferenceSet.for_model(self.check_model)
+        self.reference = ReferenceSet.for_model(self.check_model) if self.settings.image_check else None
+        if device.type == "cpu":  # as the Embedder does: faster convolutions on the CPU
+            self.model = self.model.to(memory_format=torch.channels_last)
+            if self.check_model is not None:
+                self.check_model = self.check_model.to(memory_format=torch.channels_last)
         if self.settings.probes:
             folder = Path(self.settings.probes)
             if not folder.is_dir():
@@ -128,6 +133,8 @@ class Engine:
             jobs = [first]
             deadline = time.perf_counter() + wait
             while len(jobs) < self.settings.max_batch:
+                if self._queue.empty() and self._decoding == 0:
+                    break  # nothing else is on its way: waiting would only add latency
                 remaining = deadline - time.perf_counter()
                 try:
                     jobs.append(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
@@ -156,9 +163,7 @@ class Engine:
         if self.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
         embs = self.model(x).float().cpu().numpy()
-        if self.check_model is self.model:
-            return embs, embs
-        check = self.check_model(x).float().cpu().numpy() if self.reference is not None else None
+        check = check_embeddings(self.check_model, x, self.reference.size) if self.reference is not None else None
         return embs, check
 
     # --- requests ------------------------------------------------------------------------------
@@ -201,11 +206,16 @@ class Engine:
         return results
 
     def _safe_prepare(self, data: bytes):
+        with self._lock:
+            self._decoding += 1
         try:
             tensor, info = self._prepare(data)
             return tensor, info, None
         except InputError as exc:
             return None, None, exc
+        finally:
+            with self._lock:
+                self._decoding -= 1
 
     def score(self, embedding: np.ndarray, names: list[str] | None = None, reliable: bool = True) -> dict:
         unknown = [n for n in (names or []) if n not in self.probes]

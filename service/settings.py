@@ -22,6 +22,7 @@ class ServiceSettings:
     max_queue: int = 64  # images waiting for the model; beyond this requests get 429
     decode_threads: int = 2
     retry_after_s: int = 1
+    image_check: int = 1  # 0: judge "is this a frontal CXR" from DICOM tags only, skipping the check model
 
     @classmethod
     def from_env(cls, environ: dict | None = None, **overrides) -> "ServiceSettings":
