@@ -184,7 +184,6 @@ def create_app(settings: ServiceSettings | None = None, engine: Engine | None = 
     async def handle(request: Request, with_embedding: bool, encoding: str = "list", probe_names=None):
         files = await read_files(request)
         results = await engine.process(files, probe_names)
-        metrics.images += sum(r.error is None for r in results)
         if len(files) == 1 and results[0].error is not None and files[0][0] is None:
             raise results[0].error  # a single raw image: its error is the request's error
         return {"model": engine.model.identity, "results": [image_json(r, with_embedding, encoding) for r in results]}

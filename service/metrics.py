@@ -14,7 +14,6 @@ class Metrics:
         self.requests: dict[tuple[str, str, int], int] = defaultdict(int)
         self.latency: dict[str, list[int]] = defaultdict(lambda: [0] * (len(BUCKETS) + 1))
         self.latency_sum: dict[str, float] = defaultdict(float)
-        self.images = 0
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
         with self._lock:
