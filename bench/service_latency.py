@@ -58,17 +58,22 @@ def start(model, image_check: str):
 
 
 def main() -> None:
-    import data_store
+    try:
+        import data_store
+    except ImportError:  # only needed without --dicom
+        data_store = None
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
     ap.add_argument("--requests", type=int, default=30)
     ap.add_argument("--images", type=int, default=96, help="JPEG requests per throughput level")
+    ap.add_argument("--dicom", help="RG1_UNCR.dcm elsewhere than pydicom-data (e.g. on a GPU host)")
     args = ap.parse_args()
-    dcm = (Path(data_store.__file__).parent / "data" / "RG1_UNCR.dcm").read_bytes()
+    dcm = Path(args.dicom).read_bytes() if args.dicom else (Path(data_store.__file__).parent / "data" / "RG1_UNCR.dcm").read_bytes()
     jpgs = [p.read_bytes() for p in sorted((ROOT / "tests" / "data" / "nih").glob("*.jpg"))]
 
     emb = Embedder(args.model, batch_size=16)
+    print(f"device {emb.device}" + (f" ({__import__('torch').cuda.get_device_name()})" if emb.device.type == "cuda" else ""))
     emb.embed_one(dcm)
     local = []
     for _ in range(args.requests):
