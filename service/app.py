@@ -181,11 +181,15 @@ def create_app(settings: ServiceSettings | None = None, engine: Engine | None = 
         out["scores"] = res.scores
         return out
 
-    async def handle(request: Request, with_embedding: bool, encoding: str = "list", probe_names=None):
+    async def process(request: Request, probe_names=None):
         files = await read_files(request)
         results = await engine.process(files, probe_names)
         if len(files) == 1 and results[0].error is not None and files[0][0] is None:
             raise results[0].error  # a single raw image: its error is the request's error
+        return results
+
+    async def handle(request: Request, with_embedding: bool, encoding: str = "list", probe_names=None):
+        results = await process(request, probe_names)
         return {"model": engine.model.identity, "results": [image_json(r, with_embedding, encoding) for r in results]}
 
     @app.post("/embed", summary="Embedding, findings and probe scores of each image")
@@ -203,10 +207,7 @@ def create_app(settings: ServiceSettings | None = None, engine: Engine | None = 
     async def search(request: Request, k: int = Query(5, ge=1, le=100)):
         if engine.ready and engine.index is None:
             raise NoStore("no store was loaded at start (--store): search is not available")
-        files = await read_files(request)
-        results = await engine.process(files)
-        if len(files) == 1 and results[0].error is not None and files[0][0] is None:
-            raise results[0].error
+        results = await process(request)
         out = []
         for r in results:
             item = image_json(r, False, "list")
