@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -13,8 +13,12 @@ import torch
 from .errors import InputError
 from .image import ImageInfo
 from .ingest import ImageSource, load_image
-from .models import EmbeddingModel, create_model
+from .models import EmbeddingModel, create_model, inference_model
 from .preprocess import preprocess
+from .threads import decode_pool, model_threads
+
+
+CPU_CHUNK = 4  # images per model call on the CPU (per image, 4 was fastest on 2 cores; 16 was 1.6x slower)
 
 
 @dataclass
@@ -44,14 +48,21 @@ class Embedder:
         decode_workers: int = 2,
     ):
         self.device = pick_device(device)
-        self.model = model if isinstance(model, EmbeddingModel) else create_model(model, device="cpu")
-        self.model = self.model.to(self.device).eval()
-        if self.device.type == "cpu":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        model = model if isinstance(model, EmbeddingModel) else create_model(model, device="cpu")
+        # an inference copy (BatchNorm folded, channels_last on the CPU): the caller's model is left as it was
+        self.model = inference_model(model, self.device)
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.decode_workers = max(1, int(decode_workers))
+        self.threads = torch.get_num_threads()  # for the model, in whichever thread calls forward
+        self._pool = None  # decoding threads, started on first use and kept (see threads.py)
+
+    def close(self) -> None:
+        """Stop the decoding threads (they also stop with the process)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     @property
     def identity(self) -> dict:
@@ -68,11 +79,17 @@ class Embedder:
 
     @torch.inference_mode()
     def forward(self, batch: torch.Tensor) -> np.ndarray:
-        """Embeddings of already-preprocessed tensors (N, 3, S, S)."""
+        """Embeddings of already-preprocessed tensors (N, 3, S, S).
+
+        On the CPU the batch goes through the model CPU_CHUNK images at a time: past that the
+        activations outgrow the caches and each image costs more (BENCHMARKS.md)."""
+        model_threads(self.threads)
         x = batch.to(self.device, non_blocking=True)
         if self.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
-        out = self.model(x)
+            out = torch.cat([self.model(x[i : i + CPU_CHUNK]) for i in range(0, len(x), CPU_CHUNK)])
+        else:
+            out = self.model(x)
         return out.float().cpu().numpy().astype(np.float32, copy=False)
 
     def embed(self, sources: Sequence[ImageSource]) -> np.ndarray:
@@ -119,7 +136,10 @@ class Embedder:
         lookahead = self.batch_size * 2
         pending: deque[tuple[object, Future]] = deque()
         batch = []
-        with ThreadPoolExecutor(self.decode_workers, thread_name_prefix="cxr-decode") as pool:
+        if self._pool is None:
+            self._pool = decode_pool(self.decode_workers)
+        pool = self._pool
+        try:
             it = iter(items)
             exhausted = False
             while True:
@@ -140,3 +160,6 @@ class Embedder:
                     batch = []
             if batch:
                 yield batch
+        finally:  # an abandoned iteration: drop decoding that has not started
+            for _, fut in pending:
+                fut.cancel()

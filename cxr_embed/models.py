@@ -6,8 +6,10 @@ The embedding is always the backbone's global-average-pooled output (timm `num_c
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,7 @@ class ModelSpec:
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
+log = logging.getLogger(__name__)
 
 
 def register_model(spec: ModelSpec) -> ModelSpec:
@@ -92,6 +95,60 @@ def weights_hash(module: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def _fold_pairs(root: nn.Module) -> list[tuple[nn.Module, str, nn.Conv2d, nn.BatchNorm2d]]:
+    """(parent, bn child name, conv, bn) for every BatchNorm2d registered right after a Conv2d."""
+    pairs = []
+    for parent in root.modules():
+        kids = list(parent.named_children())
+        for (_, conv), (bn_name, bn) in zip(kids, kids[1:]):
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats \
+                    and bn.running_var is not None and conv.out_channels == bn.num_features:
+                pairs.append((parent, bn_name, conv, bn))
+    return pairs
+
+
+@torch.no_grad()
+def inference_model(model: EmbeddingModel, device: str | torch.device | None = None, *, check_size: int = 224) -> EmbeddingModel:
+    """A copy of `model` for inference only, with the same embeddings (within float rounding) and identity.
+
+    Each BatchNorm that follows a convolution is folded into that convolution's weights and bias
+    (what is left of it is its activation), which halves the work per layer on the CPU: about 1.4x
+    faster embedding for EfficientNet-Lite0 on 2 cores (BENCHMARKS.md). The folded copy is compared
+    with the original on a random batch; if they differ (an architecture whose registration order
+    is not its call order), the unfolded copy is used. On the CPU, weights are channels_last.
+    The copy cannot be saved as a checkpoint (its tensors are not the original's).
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    original = copy.deepcopy(model).eval().to(device)
+    folded = copy.deepcopy(original)
+    pairs = _fold_pairs(folded.backbone)
+    for parent, bn_name, conv, bn in pairs:
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1.0 / torch.sqrt(bn.running_var + bn.eps)
+        shift = bn.bias - bn.running_mean * scale if bn.affine else -bn.running_mean * scale
+        bias = conv.bias * scale + shift if conv.bias is not None else shift
+        conv.weight = nn.Parameter(conv.weight * scale.reshape(-1, 1, 1, 1), requires_grad=False)
+        conv.bias = nn.Parameter(bias, requires_grad=False)
+        rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
+        setattr(parent, bn_name, nn.Sequential(*rest) if rest else nn.Identity())
+    if device.type == "cpu":
+        original = original.to(memory_format=torch.channels_last)
+        folded = folded.to(memory_format=torch.channels_last)
+    if pairs:
+        x = torch.randn(2, 3, check_size, check_size, generator=torch.Generator().manual_seed(0)).to(device)
+        if device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        ref, out = original(x).float(), folded(x).float()
+        err = float((ref - out).abs().max() / ref.abs().max().clamp_min(1e-12))
+        if not err < 1e-4:
+            log.warning("folding BatchNorm changed %s's outputs (relative error %.2g); using it unfolded", model.name, err)
+            folded, pairs = original, []
+    folded.inference_only = True
+    folded.folded_batchnorms = len(pairs)
+    for p in folded.parameters():
+        p.requires_grad_(False)
+    return folded
+
+
 def create_backbone(arch: str) -> nn.Module:
     return timm.create_model(arch, pretrained=False, num_classes=0)
 
@@ -122,6 +179,9 @@ def save_checkpoint(model: EmbeddingModel, path: str | os.PathLike, *, half: boo
     """Write the backbone as safetensors with the metadata that create_model needs to rebuild it."""
     from safetensors.torch import save_file
 
+    if getattr(model, "inference_only", False):
+        raise CheckpointError(f"{model.name} is an inference copy (BatchNorm folded into its convolutions); "
+                              "save the model it was made from")
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.backbone.state_dict().items()}
     if half:
         state = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}

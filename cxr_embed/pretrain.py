@@ -24,7 +24,6 @@ import platform
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from .errors import CxrEmbedError, InputError, LabelError
 from .ingest import load_image, read_bytes
 from .models import EmbeddingModel, create_model, save_checkpoint
 from .preprocess import letterbox
+from .threads import decode_pool
 
 
 @dataclass
@@ -175,7 +175,7 @@ def load_pool_from_csv(cfg: PretrainConfig, progress: bool = True) -> Pool:
         except InputError as exc:
             return n, None, f"{exc.code}: {exc}"
 
-    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+    with decode_pool(min(8, os.cpu_count() or 1), prefix="cxr-load") as pool:  # see threads.py
         results = list(tqdm(pool.map(work, range(len(rows))), total=len(rows), unit="img", desc="loading images",
                             disable=not progress, file=sys.stderr, mininterval=2.0))
     for n, digest, err in results:

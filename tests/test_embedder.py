@@ -36,3 +36,30 @@ def test_bad_input_is_reported_per_item(embedder, samples, dcm_dir):
     assert results[1].error.code == "not_an_image" and results[2].error.code == "multi_frame"
     with pytest.raises(InputError):
         embedder.embed([good, b"garbage bytes" * 20])
+
+
+def test_batches_in_cpu_chunks_match_single_images(embedder, samples):
+    import torch
+
+    from cxr_embed.embedder import CPU_CHUNK
+
+    paths = sorted(samples.glob("*.jpg"))
+    tensors = [embedder.prepare(p)[0] for p in paths]
+    assert len(tensors) > CPU_CHUNK  # the batch is split
+    whole = embedder.forward(torch.stack(tensors))
+    single = np.concatenate([embedder.forward(t[None]) for t in tensors])
+    np.testing.assert_allclose(whole, single, atol=1e-4)
+
+
+def test_decoding_threads_run_torch_on_one_thread(embedder, samples):
+    """Only the model's thread may own a multi-threaded torch team (cxr_embed/threads.py)."""
+    import torch
+
+    from cxr_embed.threads import decode_pool
+
+    before = torch.get_num_threads()
+    with decode_pool(2) as pool:
+        counts = list(pool.map(lambda _: torch.get_num_threads(), range(4)))
+    assert counts == [1, 1, 1, 1]
+    embedder.embed([sorted(samples.glob("*.jpg"))[0]])
+    assert torch.get_num_threads() == before == embedder.threads
