@@ -1,11 +1,15 @@
 """Latency and throughput of the real service against in-process embedding, in the same run.
 
 Latency: p50/p95 of POST /embed with RG1_UNCR.dcm (raw application/dicom body) vs
-Embedder.embed_one on the same bytes in this process. Target: p50 within 1.3x.
-Throughput: POST /embed of real CXR JPEGs with 1, 4 and 16 concurrent clients vs sequential
-in-process embedding. Target: 16 clients >= 1.5x the 1-client rate (dynamic batching).
+Embedder.embed_one on the same bytes in this process. Target: p50 within 1.3x. Three servers run
+side by side, one per chest-check policy (never: tags only; auto, the default: tags when they say
+CR/DX chest AP/PA, else the image too; always: the image too, every time), and the four ways of
+embedding are timed in turn, round after round, so that drift of a shared machine hits all alike.
+Throughput: POST /embed of real CXR JPEGs (no tags: the image check runs) with 1, 4 and 16
+concurrent clients against the default server, also in interleaved rounds; medians over rounds.
+Target: 16 clients >= 1.5x the 1-client rate (dynamic batching).
 
-    python bench/service_latency.py [--model NAME] [--requests 30]
+    python bench/service_latency.py [--model NAME] [--requests 40] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -41,11 +45,11 @@ def pct(values: list[float], q: float) -> float:
 
 def start(model, image_check: str):
     port = free_port()
-    cmd = [sys.executable, "-m", "cxr_embed", "serve", "--port", str(port), "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "cxr_embed", "serve", "--port", str(port), "--log-level", "warning",
+           "--image-check", image_check]
     if model:
         cmd += ["--model", model]
-    env = {**os.environ, "CXR_EMBED_IMAGE_CHECK": image_check}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(240):
         try:
@@ -57,6 +61,9 @@ def start(model, image_check: str):
     return proc, url
 
 
+POLICIES = ("never", "auto", "always")
+
+
 def main() -> None:
     try:
         import data_store
@@ -65,8 +72,9 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
-    ap.add_argument("--requests", type=int, default=30)
-    ap.add_argument("--images", type=int, default=96, help="JPEG requests per throughput level")
+    ap.add_argument("--requests", type=int, default=40, help="latency samples per way of embedding")
+    ap.add_argument("--images", type=int, default=48, help="JPEG requests per throughput level and round")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved throughput rounds")
     ap.add_argument("--dicom", help="RG1_UNCR.dcm elsewhere than pydicom-data (e.g. on a GPU host)")
     args = ap.parse_args()
     dcm = Path(args.dicom).read_bytes() if args.dicom else (Path(data_store.__file__).parent / "data" / "RG1_UNCR.dcm").read_bytes()
@@ -74,64 +82,77 @@ def main() -> None:
 
     emb = Embedder(args.model, batch_size=16)
     print(f"device {emb.device}" + (f" ({__import__('torch').cuda.get_device_name()})" if emb.device.type == "cuda" else ""))
-    emb.embed_one(dcm)
-    local = []
-    for _ in range(args.requests):
-        t = time.perf_counter()
-        emb.embed_one(dcm)
-        local.append(1000 * (time.perf_counter() - t))
-    t = time.perf_counter()
-    for i in range(args.images):
-        emb.embed_one(jpgs[i % len(jpgs)])
-    local_rate = args.images / (time.perf_counter() - t)
-    del emb
-
-    remote_by_mode = {}
-    for image_check in ("0", "1"):  # tags-only chest check, then the default image check
-        proc, url = start(args.model, image_check)
-        try:
-            client = httpx.Client(timeout=120)
-            client.post(url + "/embed?encoding=base64", content=dcm, headers={"content-type": "application/dicom"})
-            remote = []
-            for _ in range(args.requests):
-                t = time.perf_counter()
-                r = client.post(url + "/embed?encoding=base64", content=dcm, headers={"content-type": "application/dicom"})
-                remote.append(1000 * (time.perf_counter() - t))
-                assert r.status_code == 200, r.text
-            remote_by_mode[image_check] = remote
-        finally:
-            if image_check == "0":
-                proc.terminate()
-                proc.wait(10)
+    servers = {policy: start(args.model, policy) for policy in POLICIES}
     try:
-        print(f"RG1_UNCR.dcm latency   in-process p50 {statistics.median(local):6.1f} ms  p95 {pct(local, .95):6.1f} ms")
-        for mode, label in (("0", "tags-only check"), ("1", "image check (default)")):
-            remote = remote_by_mode[mode]
-            print(f"  POST /embed, {label:<22} p50 {statistics.median(remote):6.1f} ms  p95 {pct(remote, .95):6.1f} ms"
-                  f"  ratio p50 {statistics.median(remote) / statistics.median(local):.2f} (target <= 1.30)")
-        print(f"JPEG throughput        in-process sequential {local_rate:6.1f} img/s")
-        rates = {}
-        for clients in (1, 4, 16):
-            local_clients = threading.local()
+        clients = {policy: httpx.Client(timeout=120) for policy in POLICIES}
 
-            def one(i):
-                if not hasattr(local_clients, "c"):  # one keep-alive connection per client thread
-                    local_clients.c = httpx.Client(timeout=120)
-                return local_clients.c.post(url + "/embed?encoding=base64", content=jpgs[i % len(jpgs)],
-                                            headers={"content-type": "image/jpeg"}).status_code
+        def remote(policy):
+            def call():
+                r = clients[policy].post(servers[policy][1] + "/embed?encoding=base64", content=dcm,
+                                         headers={"content-type": "application/dicom"})
+                assert r.status_code == 200, r.text
+            return call
+
+        ways = {"in-process": lambda: emb.embed_one(dcm), **{p: remote(p) for p in POLICIES}}
+        for call in ways.values():  # warm-up
+            call()
+            call()
+        times = {name: [] for name in ways}
+        names = list(ways)
+        for i in range(args.requests):
+            for name in names[i % len(names):] + names[: i % len(names)]:  # rotate who goes first
+                t = time.perf_counter()
+                ways[name]()
+                times[name].append(1000 * (time.perf_counter() - t))
+        base = statistics.median(times["in-process"])
+        print(f"RG1_UNCR.dcm latency   in-process p50 {base:6.1f} ms  p95 {pct(times['in-process'], .95):6.1f} ms")
+        labels = {"never": "tags-only check", "auto": "auto check (default)", "always": "image check always"}
+        for policy in POLICIES:
+            t = times[policy]
+            print(f"  POST /embed, {labels[policy]:<22} p50 {statistics.median(t):6.1f} ms  p95 {pct(t, .95):6.1f} ms"
+                  f"  ratio p50 {statistics.median(t) / base:.2f} (target <= 1.30)")
+        for policy in ("never", "always"):  # throughput runs on the default server only
+            proc = servers.pop(policy)[0]
+            proc.terminate()
+            proc.wait(10)
+        url = servers["auto"][1]
+
+        thread_clients = threading.local()
+
+        def one(i):
+            if not hasattr(thread_clients, "c"):  # one keep-alive connection per client thread
+                thread_clients.c = httpx.Client(timeout=120)
+            return thread_clients.c.post(url + "/embed?encoding=base64", content=jpgs[i % len(jpgs)],
+                                         headers={"content-type": "image/jpeg"}).status_code
+
+        levels = (1, 4, 16)
+        rates = {n: [] for n in ("in-process", *levels)}
+        for _ in range(args.rounds):
             t = time.perf_counter()
-            with ThreadPoolExecutor(clients) as pool:
-                codes = list(pool.map(one, range(args.images)))
-            rates[clients] = codes.count(200) / (time.perf_counter() - t)
-            print(f"                       {clients:2d} client(s): {rates[clients]:6.1f} img/s "
-                  f"({codes.count(200)} ok, {codes.count(429)} x 429)")
-        print(f"                       16 clients / 1 client: {rates[16] / rates[1]:.2f} (target >= 1.5)")
-        metrics = client.get(url + "/metrics").text
+            for i in range(args.images):
+                emb.embed_one(jpgs[i % len(jpgs)])
+            rates["in-process"].append(args.images / (time.perf_counter() - t))
+            for n in levels:
+                t = time.perf_counter()
+                with ThreadPoolExecutor(n) as pool:
+                    codes = list(pool.map(one, range(args.images)))
+                assert codes.count(200) == len(codes), f"{n} clients: {sorted(set(codes))}"
+                rates[n].append(args.images / (time.perf_counter() - t))
+        med = {n: statistics.median(v) for n, v in rates.items()}
+        print(f"JPEG throughput ({args.rounds} rounds of {args.images} images, median img/s; rounds in brackets)")
+        print(f"  in-process sequential {med['in-process']:6.1f}  [{', '.join(f'{v:.1f}' for v in rates['in-process'])}]")
+        for n in levels:
+            print(f"  {n:2d} client(s)          {med[n]:6.1f}  [{', '.join(f'{v:.1f}' for v in rates[n])}]")
+        per_round = [a / b for a, b in zip(rates[16], rates[1])]
+        print(f"  16 clients / 1 client: {med[16] / med[1]:.2f} (target >= 1.5); per round "
+              f"{', '.join(f'{r:.2f}' for r in per_round)}")
+        metrics = httpx.get(url + "/metrics").text
         batches = [l for l in metrics.splitlines() if l.startswith(("cxr_embed_batches_total", "cxr_embed_images_embedded_total"))]
-        print("                       " + ", ".join(batches))
+        print("  " + ", ".join(batches))
     finally:
-        proc.terminate()
-        proc.wait(10)
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(10)
 
 
 if __name__ == "__main__":

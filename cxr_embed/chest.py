@@ -1,4 +1,8 @@
-"""Is this a frontal chest radiograph? DICOM tags where present, the embedding itself where not.
+"""Is this a frontal chest radiograph? DICOM tags where present, the image itself where not.
+
+Policies (the service's `image_check` setting): `auto` trusts DICOM tags that say all of CR/DX,
+chest and AP/PA, and runs the image-based test on everything else (PNG/JPEG, DICOMs with missing or
+other tags); `always` runs it on every image; `never` judges by tags alone.
 
 The image-based test compares an embedding with a reference set of CXR embeddings shipped beside the
 model weights (`weights/<model>.reference.npz`): an input whose most similar reference is less
@@ -44,6 +48,7 @@ class ChestCheck:
     reasons: list[str] = field(default_factory=list)
     nearest_reference_similarity: float | None = None
     reference_threshold: float | None = None
+    checked_by: list[str] = field(default_factory=list)  # "dicom_tags" and/or "image"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,6 +64,20 @@ def tag_reasons(info: ImageInfo) -> list[str]:
     if info.view_position and info.view_position.upper() not in FRONTAL_VIEWS:
         reasons.append(f"DICOM view position is {info.view_position}, not a frontal (AP/PA) view")
     return reasons
+
+
+def tags_confirm_frontal_cxr(info: ImageInfo) -> bool:
+    """True when DICOM tags say all three: CR/DX radiography, chest, frontal (AP/PA) view."""
+    return bool(info.modality and info.modality.upper() in CHEST_MODALITIES
+                and info.body_part and info.body_part.upper() in CHEST_BODY_PARTS
+                and info.view_position and info.view_position.upper() in FRONTAL_VIEWS)
+
+
+def needs_image_check(info: ImageInfo, policy: str) -> bool:
+    """Whether the image-based test should run under `policy` (auto, always or never)."""
+    if policy == "never":
+        return False
+    return policy == "always" or not tags_confirm_frontal_cxr(info)
 
 
 class ReferenceSet:
@@ -105,12 +124,15 @@ class ReferenceSet:
 
 
 def check_chest(info: ImageInfo, embedding: np.ndarray | None, reference: ReferenceSet | None) -> ChestCheck:
+    """Tag reasons, plus the image-based test when a check embedding is given."""
     reasons = tag_reasons(info)
+    checked_by = ["dicom_tags"] if (info.modality or info.body_part or info.view_position) else []
     sim = thr = None
     if reference is not None and embedding is not None:
+        checked_by.append("image")
         sim = float(reference.nearest_similarity(embedding)[0])
         thr = reference.threshold
         if sim < thr:
             reasons.append(f"the image does not look like a chest radiograph: its embedding's similarity to the "
                            f"nearest reference CXR is {sim:.3f}, below {thr:.3f}")
-    return ChestCheck(not reasons, reasons, sim, thr)
+    return ChestCheck(not reasons, reasons, sim, thr, checked_by)

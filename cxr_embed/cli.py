@@ -267,6 +267,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--probes", default=None, help="folder of saved probes, *.json (CXR_EMBED_PROBES)")
     p.add_argument("--store", default=None, help="store for /search (CXR_EMBED_STORE)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (CXR_EMBED_DEVICE; default auto)")
+    p.add_argument("--image-check", default=None, choices=["auto", "always", "never"],
+                   help="is-it-a-frontal-CXR check by the image: auto (default) when DICOM tags do not already say "
+                        "CR/DX chest AP/PA, always, or never (tags only) (CXR_EMBED_IMAGE_CHECK)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=_cmd_serve)
 
@@ -278,7 +281,11 @@ def _cmd_serve(args) -> int:
     from service.engine import Engine
     from service.settings import ServiceSettings
 
-    settings = ServiceSettings.from_env(model=args.model, probes=args.probes, store=args.store, device=args.device)
+    try:
+        settings = ServiceSettings.from_env(model=args.model, probes=args.probes, store=args.store, device=args.device,
+                                            image_check=args.image_check)
+    except ValueError as exc:
+        raise CxrEmbedError(str(exc)) from None
     engine = Engine(settings)
     host = args.host or os.environ.get("CXR_EMBED_HOST", "127.0.0.1")
     port = args.port or int(os.environ.get("CXR_EMBED_PORT", "8000"))

@@ -96,25 +96,47 @@ def create_app(settings: ServiceSettings | None = None, engine: Engine | None = 
                   description="Chest X-ray embeddings and probe scores. Send a DICOM, PNG or JPEG.")
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        start = time.perf_counter()
-        route = request.url.path
-        try:
-            if settings.token and route != "/health":
-                auth = request.headers.get("authorization", "")
-                if auth != f"Bearer {settings.token}":
-                    raise HTTPProblem(401, "unauthorized", "a valid 'Authorization: Bearer <token>' header is required",
-                                      {"WWW-Authenticate": "Bearer"})
-            response = await call_next(request)
-        except Exception as exc:  # never let an exception become a dropped connection
-            if status_for(exc) >= 500:
-                log.exception("unhandled error on %s", route)
-            response = problem(exc, settings)
-        known = {r.path for r in app.routes}
-        metrics.observe(route if route in known else "other", request.method, response.status_code,
-                        time.perf_counter() - start)
-        return response
+    known_routes: set[str] = set()
+
+    class Guard:
+        """Pure ASGI middleware: bearer token, metrics, and no exception ever becomes a dropped
+        connection. (Starlette's BaseHTTPMiddleware would relay every body chunk of a 7 MB DICOM
+        through a stream of its own, which cost milliseconds per request.)"""
+
+        def __init__(self, app):
+            self.app = app
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] != "http":
+                return await self.app(scope, receive, send)
+            start = time.perf_counter()
+            route = scope.get("path", "")
+            status = {"code": 500, "started": False}
+
+            async def send_wrapper(message):
+                if message["type"] == "http.response.start":
+                    status["code"], status["started"] = message["status"], True
+                await send(message)
+
+            try:
+                if settings.token and route != "/health":
+                    auth = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+                    if auth != f"Bearer {settings.token}":
+                        raise HTTPProblem(401, "unauthorized", "a valid 'Authorization: Bearer <token>' header is required",
+                                          {"WWW-Authenticate": "Bearer"})
+                await self.app(scope, receive, send_wrapper)
+            except Exception as exc:  # never let an exception become a dropped connection
+                if status_for(exc) >= 500:
+                    log.exception("unhandled error on %s", route)
+                if status["started"]:
+                    raise
+                await problem(exc, settings)(scope, receive, send_wrapper)
+            if not known_routes:
+                known_routes.update(r.path for r in app.routes)
+            metrics.observe(route if route in known_routes else "other", scope.get("method", ""), status["code"],
+                            time.perf_counter() - start)
+
+    app.add_middleware(Guard)
 
     @app.exception_handler(CxrEmbedError)
     async def on_cxr_error(request: Request, exc: CxrEmbedError):
@@ -238,7 +260,7 @@ def create_app(settings: ServiceSettings | None = None, engine: Engine | None = 
             raise NotReady("the model is still loading")
         return {
             "model": engine.model.identity,
-            "chest_check": {"by_image": engine.reference is not None,
+            "chest_check": {"policy": settings.image_check, "by_image": engine.reference is not None,
                             "model": None if engine.reference is None else engine.check_model.name,
                             "reference_images": 0 if engine.reference is None else len(engine.reference.embeddings),
                             "threshold": None if engine.reference is None else engine.reference.threshold},

@@ -12,20 +12,21 @@ import asyncio
 import queue
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cxr_embed.chest import CHECK_MODEL, ChestCheck, ReferenceSet, check_chest, check_embeddings
+from cxr_embed.chest import CHECK_MODEL, ChestCheck, ReferenceSet, check_chest, check_embeddings, needs_image_check
 from cxr_embed.embedder import pick_device
 from cxr_embed.errors import CxrEmbedError, InputError
 from cxr_embed.image import ImageInfo
 from cxr_embed.ingest import load_image
-from cxr_embed.models import EmbeddingModel, create_model
+from cxr_embed.models import EmbeddingModel, create_model, inference_model
 from cxr_embed.preprocess import preprocess
+from cxr_embed.threads import decode_pool, model_threads
 
 from .settings import ServiceSettings
 
@@ -57,6 +58,7 @@ class ImageResult:
 class _Job:
     tensor: torch.Tensor
     future: Future
+    check: bool = False  # run the image-based chest check on it too
 
 
 class Engine:
@@ -75,43 +77,73 @@ class Engine:
         self._in_flight = 0
         self._decoding = 0  # images being decoded now: the batcher waits for them, not for nothing
         self._lock = threading.Lock()
-        self._decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="cxr-decode")
+        self._decode_pool = decode_pool(settings.decode_threads)  # torch on one thread each: see threads.py
+        self._threads = settings.model_threads or torch.get_num_threads()  # torch threads of the batcher
         self._worker: threading.Thread | None = None
         self._stop = threading.Event()
 
     # --- loading -------------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Load model, probes and store; raises ModelMismatch for a probe of another model."""
+        """Load model, probes and store; raises ModelMismatch for a probe of another model.
+
+        The models are built in the batcher thread, the one thread that will run them: a second
+        thread with a multi-threaded torch team would slow every forward pass (threads.py)."""
         from probes import load_probe
 
-        device = pick_device(self.settings.device)
-        self.device = device
-        self.model = create_model(self.settings.model, device=device)
+        self.device = pick_device(self.settings.device)
+        # numpy's BLAS (OpenBLAS) does only tiny products here (probes, chest-check similarities) on the
+        # event-loop thread; with its own pool of threads, which spin after each call, it stole a core
+        # from the model: 2 cores, 27 ms instead of 16 per image (BENCHMARKS.md). One thread is plenty.
+        from threadpoolctl import threadpool_limits
+
+        self._blas_limits = threadpool_limits(limits=1, user_api="blas")
+        loaded = threading.Event()
+        failure: list[BaseException] = []
+
+        def batcher():
+            try:
+                self._load_models()
+            except BaseException as exc:  # reported by load() in the caller's thread
+                failure.append(exc)
+                return
+            finally:
+                loaded.set()
+            self._run_batches()
+
+        self._worker = threading.Thread(target=batcher, name="cxr-batcher", daemon=True)
+        self._worker.start()
+        loaded.wait()
+        if failure:
+            raise failure[0]
+        try:
+            if self.settings.probes:
+                folder = Path(self.settings.probes)
+                if not folder.is_dir():
+                    raise CxrEmbedError(f"--probes {folder}: no such folder")
+                for path in sorted(folder.glob("*.json")):
+                    probe = load_probe(path, expected_identity=self.model.identity)
+                    self.probes[getattr(probe, "name", path.stem)] = probe
+            if self.settings.store:
+                from cxr_embed.index import EmbeddingIndex
+
+                self.index = EmbeddingIndex.build(self.settings.store)
+                self.index.check_model(self.model.identity)
+        except BaseException:
+            self._stop.set()
+            raise
+        self.ready = True
+
+    def _load_models(self) -> None:
+        model_threads(self._threads)
+        device = self.device
+        # inference copies, as the Embedder uses: BatchNorm folded, channels_last on the CPU
+        self.model = inference_model(create_model(self.settings.model, device=device), device)
         if self.model.name == CHECK_MODEL:
             self.check_model = self.model
-        elif self.settings.image_check:
-            self.check_model = create_model(CHECK_MODEL, device=device)
-        self.reference = ReferenceSet.for_model(self.check_model) if self.settings.image_check else None
-        if device.type == "cpu":  # as the Embedder does: faster convolutions on the CPU
-            self.model = self.model.to(memory_format=torch.channels_last)
-            if self.check_model is not None:
-                self.check_model = self.check_model.to(memory_format=torch.channels_last)
-        if self.settings.probes:
-            folder = Path(self.settings.probes)
-            if not folder.is_dir():
-                raise CxrEmbedError(f"--probes {folder}: no such folder")
-            for path in sorted(folder.glob("*.json")):
-                probe = load_probe(path, expected_identity=self.model.identity)
-                self.probes[getattr(probe, "name", path.stem)] = probe
-        if self.settings.store:
-            from cxr_embed.index import EmbeddingIndex
-
-            self.index = EmbeddingIndex.build(self.settings.store)
-            self.index.check_model(self.model.identity)
-        self._worker = threading.Thread(target=self._run_batches, name="cxr-batcher", daemon=True)
-        self._worker.start()
-        self.ready = True
+        elif self.settings.image_check != "never":
+            self.check_model = inference_model(create_model(CHECK_MODEL, device=device), device)
+        self.reference = ReferenceSet.for_model(self.check_model) if self.settings.image_check != "never" else None
 
     def close(self) -> None:
         self._stop.set()
@@ -143,10 +175,10 @@ class Engine:
             with self._lock:
                 self._in_flight = len(jobs)
             try:
-                embs, check = self._forward(torch.stack([j.tensor for j in jobs]))
+                embs, check = self._forward(torch.stack([j.tensor for j in jobs]), [j.check for j in jobs])
                 for n, job in enumerate(jobs):
                     if not job.future.done():
-                        job.future.set_result((embs[n], check[n] if check is not None else None))
+                        job.future.set_result((embs[n], check[n]))
                 self.images_embedded += len(jobs)
                 self.batches_run += 1
             except Exception as exc:  # a model failure must reach the waiting requests, not kill the thread
@@ -158,12 +190,23 @@ class Engine:
                     self._in_flight = 0
 
     @torch.inference_mode()
-    def _forward(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+    def _forward(self, x: torch.Tensor, wants_check: list[bool]) -> tuple[np.ndarray, list]:
+        """Embeddings of the batch, and chest-check embeddings of the images that want one (else None).
+
+        On the CPU the batch goes through the models `cpu_chunk` images at a time: past 4 images
+        the activations outgrow the caches and each image costs more, not less (BENCHMARKS.md)."""
         x = x.to(self.device)
         if self.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
-        embs = self.model(x).float().cpu().numpy()
-        check = check_embeddings(self.check_model, x, self.reference.size) if self.reference is not None else None
+        step = max(1, self.settings.cpu_chunk) if self.device.type == "cpu" else len(x)
+        embs = np.concatenate([self.model(x[i : i + step]).float().cpu().numpy() for i in range(0, len(x), step)])
+        check: list = [None] * len(wants_check)
+        idx = [i for i, w in enumerate(wants_check) if w]
+        if idx and self.reference is not None:
+            sub = x if len(idx) == len(wants_check) else x[idx]
+            out = [check_embeddings(self.check_model, sub[i : i + step], self.reference.size) for i in range(0, len(sub), step)]
+            for i, e in zip(idx, np.concatenate(out)):
+                check[i] = e
         return embs, check
 
     # --- requests ------------------------------------------------------------------------------
@@ -192,7 +235,8 @@ class Engine:
         for res, tensor in jobs:
             fut: Future = Future()
             try:
-                self._queue.put_nowait(_Job(tensor, fut))
+                self._queue.put_nowait(_Job(tensor, fut, self.reference is not None
+                                            and needs_image_check(res.info, self.settings.image_check)))
             except queue.Full:
                 for f in waiting:
                     f[1].cancel()

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, fields
 
 ENV_PREFIX = "CXR_EMBED_"
+IMAGE_CHECK_POLICIES = ("auto", "always", "never")
 
 
 @dataclass
@@ -18,11 +19,22 @@ class ServiceSettings:
     max_body_bytes: int = 32 * 1024 * 1024
     max_files: int = 16
     max_batch: int = 16  # images per forward pass
+    model_threads: int = 0  # torch threads running the model; 0: torch's default (one per core)
+    cpu_chunk: int = 4  # on the CPU, images per model call within a batch (4 was fastest per image on 2 cores)
     batch_wait_ms: float = 5.0  # how long the batcher waits for more images after the first
     max_queue: int = 64  # images waiting for the model; beyond this requests get 429
     decode_threads: int = 2
     retry_after_s: int = 1
-    image_check: int = 1  # 0: judge "is this a frontal CXR" from DICOM tags only, skipping the check model
+    # "is this a frontal CXR?": auto = by DICOM tags when they say so (CR/DX, chest, AP/PA), else by the
+    # image too; always = by the image too, every time; never = by DICOM tags only (no check network)
+    image_check: str = "auto"
+
+    def __post_init__(self):
+        aliases = {"1": "always", "0": "never", "true": "always", "false": "never"}
+        value = aliases.get(str(self.image_check).strip().lower(), str(self.image_check).strip().lower())
+        if value not in IMAGE_CHECK_POLICIES:
+            raise ValueError(f"{ENV_PREFIX}IMAGE_CHECK={self.image_check!r}: expected one of {', '.join(IMAGE_CHECK_POLICIES)}")
+        self.image_check = value
 
     @classmethod
     def from_env(cls, environ: dict | None = None, **overrides) -> "ServiceSettings":

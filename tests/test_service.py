@@ -102,6 +102,7 @@ def test_health_ready_info_docs(server):
     assert info["model"]["model_name"] == "imagenet-effnet-lite0" and info["model"]["dim"] == 1280
     assert set(info["probes"]) == {"tb", "tb-gbm"} and info["limits"]["max_files"] == 4
     assert info["store"]["images"] == 326
+    assert info["chest_check"]["policy"] == "auto" and info["chest_check"]["by_image"]
     assert httpx.get(server.url + "/docs").status_code == 200
     assert "/embed" in httpx.get(server.url + "/openapi.json").json()["paths"]
 
@@ -117,6 +118,8 @@ def test_embed_real_chest_dicom(server, dcm_dir):
     assert f["modality"] == "CR" and f["view_position"] == "PA" and f["body_part"] == "CHEST"
     assert f["original_size"] == [1955, 1841]
     assert res["chest_check"]["is_frontal_cxr"] and "warning" not in res
+    # default policy "auto": tags that say CR, CHEST and PA are trusted; the check network is not run
+    assert res["chest_check"]["checked_by"] == ["dicom_tags"] and res["chest_check"]["nearest_reference_similarity"] is None
     s = res["scores"]["tb"]
     assert 0 <= s["probability"] <= 1 and 0 < s["threshold"] < 1 and isinstance(s["positive"], bool)
     assert s["reliable"] is True and set(res["scores"]) == {"tb", "tb-gbm"}
@@ -146,15 +149,17 @@ def test_not_a_chest_radiograph_is_flagged(server, dcm_dir, samples):
     for name, data_ in cases.items():
         res = post(server, "/embed", data_).json()["results"][0]
         assert res["ok"] and not res["chest_check"]["is_frontal_cxr"], name
+        assert res["chest_check"]["checked_by"] == ["dicom_tags", "image"], name  # tags do not confirm: image too
         assert "unreliable" in res["warning"] and res["scores"]["tb"]["reliable"] is False
     tibia = post(server, "/predict", cases["tibia"]).json()["results"][0]
     assert any("EXTREMITY" in r for r in tibia["chest_check"]["reasons"])
     cat = post(server, "/embed", _png(data.chelsea()), "image/png").json()["results"][0]
-    assert not cat["chest_check"]["is_frontal_cxr"]
+    assert not cat["chest_check"]["is_frontal_cxr"] and cat["chest_check"]["checked_by"] == ["image"]
     assert "does not look like a chest radiograph" in " ".join(cat["chest_check"]["reasons"])
     for jpg in sorted(samples.glob("*.jpg")):
         res = post(server, "/embed", jpg.read_bytes(), "image/jpeg").json()["results"][0]
         assert res["chest_check"]["is_frontal_cxr"], (jpg.name, res["chest_check"])
+        assert res["chest_check"]["nearest_reference_similarity"] >= res["chest_check"]["reference_threshold"]
 
 
 def test_multipart_reports_errors_per_image(server, dcm_dir, samples):
@@ -293,3 +298,80 @@ def test_settings_from_environment():
     assert s.max_files == 3 and s.batch_wait_ms == 2.5 and s.token == "t"
     with pytest.raises(ValueError, match="CXR_EMBED_MAX_QUEUE"):
         ServiceSettings.from_env({"CXR_EMBED_MAX_QUEUE": "lots"})
+    assert s.image_check == "auto"
+    assert ServiceSettings.from_env({"CXR_EMBED_IMAGE_CHECK": "0"}).image_check == "never"  # the old on/off values
+    assert ServiceSettings.from_env({"CXR_EMBED_IMAGE_CHECK": "Always"}).image_check == "always"
+    with pytest.raises(ValueError, match="auto, always, never"):
+        ServiceSettings.from_env({"CXR_EMBED_IMAGE_CHECK": "maybe"})
+
+
+def _photo_tagged_as_chest(dcm_dir) -> bytes:
+    """RG1_UNCR's header (CR, CHEST, PA) around a photograph of a cat: tags that lie."""
+    from skimage import color, data, transform
+
+    ds = pydicom.dcmread(dcm_dir / "RG1_UNCR.dcm")
+    grey = transform.resize(color.rgb2gray(data.chelsea()), (600, 800), anti_aliasing=True)
+    arr = (grey * 4000).astype(np.uint16)
+    for tag in ("WindowCenter", "WindowWidth", "VOILUTSequence", "WindowCenterWidthExplanation"):
+        if tag in ds:
+            delattr(ds, tag)
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = arr.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = arr.tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("policy, flagged, checked_by", [
+    ("auto", False, ["dicom_tags"]),          # complete chest tags are trusted (documented)
+    ("always", True, ["dicom_tags", "image"]),  # the image check sees the cat anyway
+    ("never", False, ["dicom_tags"]),
+])
+def test_image_check_policies_on_a_dicom_whose_tags_lie(dcm_dir, policy, flagged, checked_by):
+    import asyncio
+
+    from service.engine import Engine
+    from service.settings import ServiceSettings
+
+    engine = Engine(ServiceSettings(image_check=policy))
+    engine.load()
+    try:
+        lying, real = _photo_tagged_as_chest(dcm_dir), (dcm_dir / "RG1_UNCR.dcm").read_bytes()
+        res = asyncio.run(engine.process([("cat.dcm", lying), ("chest.dcm", real)]))
+    finally:
+        engine.close()
+    cat, chest = res
+    assert cat.error is None and cat.info.body_part == "CHEST"
+    assert cat.chest.is_frontal_cxr is (not flagged) and cat.chest.checked_by == checked_by
+    if flagged:
+        assert "does not look like a chest radiograph" in cat.chest.reasons[0]
+    assert chest.chest.is_frontal_cxr and chest.chest.checked_by == checked_by
+    assert (engine.check_model is None) is (policy == "never")
+
+
+def test_engine_batches_match_single_images(samples, dcm_dir):
+    """A batch split into CPU chunks, with the chest check on some images only, gives each image
+    what it gets alone."""
+    import torch
+
+    from service.engine import Engine
+    from service.settings import ServiceSettings
+
+    engine = Engine(ServiceSettings(image_check="always", cpu_chunk=4))
+    engine.load()
+    try:
+        files = sorted(samples.glob("*.jpg")) + [dcm_dir / "RG1_UNCR.dcm"]
+        x = torch.stack([engine._prepare(p.read_bytes())[0] for p in files])
+        wants = [i % 3 != 1 for i in range(len(files))]
+        embs, checks = engine._forward(x, wants)
+        for i in range(len(files)):
+            e1, c1 = engine._forward(x[i : i + 1], [True])
+            np.testing.assert_allclose(embs[i], e1[0], atol=1e-4)
+            if wants[i]:
+                np.testing.assert_allclose(checks[i], c1[0], atol=1e-4)
+            else:
+                assert checks[i] is None
+    finally:
+        engine.close()
