@@ -156,16 +156,19 @@ def create_app(settings: ServiceSettings | None = None, engine: Engine | None = 
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > settings.max_body_bytes:
             raise HTTPProblem(413, "body_too_large", f"body of {declared} bytes exceeds the limit of {settings.max_body_bytes}")
-        body = bytearray()
+        chunks, size = [], 0
         async for chunk in request.stream():
-            body += chunk
-            if len(body) > settings.max_body_bytes:
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > settings.max_body_bytes:
                 raise HTTPProblem(413, "body_too_large", f"body exceeds the limit of {settings.max_body_bytes} bytes")
+        body = b"".join(chunks)  # one copy of a body of many megabytes, not two
+        del chunks
         if ctype in SINGLE_TYPES:
             if not body:
                 raise EmptyInput("empty request body")
-            return [(None, bytes(body))]
-        request._body = bytes(body)  # let Starlette parse the multipart form from what we read
+            return [(None, body)]
+        request._body = body  # let Starlette parse the multipart form from what we read
         try:
             form = await request.form(max_files=settings.max_files + 1, max_fields=100)
         except Exception as exc:
@@ -212,7 +215,9 @@ def create_app(settings: ServiceSettings | None = None, engine: Engine | None = 
 
     async def handle(request: Request, with_embedding: bool, encoding: str = "list", probe_names=None):
         results = await process(request, probe_names)
-        return {"model": engine.model.identity, "results": [image_json(r, with_embedding, encoding) for r in results]}
+        # plain JSON data already: JSONResponse skips FastAPI's jsonable_encoder walk over every float
+        return JSONResponse({"model": engine.model.identity,
+                             "results": [image_json(r, with_embedding, encoding) for r in results]})
 
     @app.post("/embed", summary="Embedding, findings and probe scores of each image")
     async def embed(request: Request, encoding: str = Query("list", pattern="^(list|base64)$")):
