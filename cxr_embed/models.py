@@ -139,7 +139,8 @@ def inference_model(model: EmbeddingModel, device: str | torch.device | None = N
             x = x.contiguous(memory_format=torch.channels_last)
         ref, out = original(x).float(), folded(x).float()
         err = float((ref - out).abs().max() / ref.abs().max().clamp_min(1e-12))
-        if not err < 1e-4:
+        # a wrong fold is off by O(1); on a GPU, TF32 convolutions alone differ by about 1e-3
+        if not err < (1e-4 if device.type == "cpu" else 5e-3):
             log.warning("folding BatchNorm changed %s's outputs (relative error %.2g); using it unfolded", model.name, err)
             folded, pairs = original, []
     folded.inference_only = True
