@@ -16,7 +16,6 @@ Target: 16 clients >= 1.5x the 1-client rate (dynamic batching).
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import statistics
 import subprocess

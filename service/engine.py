@@ -14,13 +14,14 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cxr_embed.chest import CHECK_MODEL, ChestCheck, ReferenceSet, check_chest, check_embeddings, needs_image_check
-from cxr_embed.embedder import pick_device
+from cxr_embed.embedder import in_chunks, model_numpy, pick_device
 from cxr_embed.errors import CxrEmbedError, InputError
 from cxr_embed.image import ImageInfo
 from cxr_embed.ingest import load_image
@@ -191,21 +192,19 @@ class Engine:
 
     @torch.inference_mode()
     def _forward(self, x: torch.Tensor, wants_check: list[bool]) -> tuple[np.ndarray, list]:
-        """Embeddings of the batch, and chest-check embeddings of the images that want one (else None).
-
-        On the CPU the batch goes through the models `cpu_chunk` images at a time: past 4 images
-        the activations outgrow the caches and each image costs more, not less (BENCHMARKS.md)."""
+        """Embeddings of the batch, and chest-check embeddings of the images that want one (else None);
+        on the CPU, `cpu_chunk` images per model call (see `in_chunks`)."""
         x = x.to(self.device)
         if self.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
-        step = max(1, self.settings.cpu_chunk) if self.device.type == "cpu" else len(x)
-        embs = np.concatenate([self.model(x[i : i + step]).float().cpu().numpy() for i in range(0, len(x), step)])
+        step = self.settings.cpu_chunk if self.device.type == "cpu" else len(x)
+        embs = in_chunks(model_numpy(self.model), x, step)
         check: list = [None] * len(wants_check)
         idx = [i for i, w in enumerate(wants_check) if w]
         if idx and self.reference is not None:
             sub = x if len(idx) == len(wants_check) else x[idx]
-            out = [check_embeddings(self.check_model, sub[i : i + step], self.reference.size) for i in range(0, len(sub), step)]
-            for i, e in zip(idx, np.concatenate(out)):
+            check_fn = partial(check_embeddings, self.check_model, size=self.reference.size)
+            for i, e in zip(idx, in_chunks(check_fn, sub, step)):
                 check[i] = e
         return embs, check
 

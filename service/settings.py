@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
+from cxr_embed.embedder import CPU_CHUNK
+
 ENV_PREFIX = "CXR_EMBED_"
 IMAGE_CHECK_POLICIES = ("auto", "always", "never")
 
@@ -20,7 +22,7 @@ class ServiceSettings:
     max_files: int = 16
     max_batch: int = 16  # images per forward pass
     model_threads: int = 0  # torch threads running the model; 0: torch's default (one per core)
-    cpu_chunk: int = 4  # on the CPU, images per model call within a batch (4 was fastest per image on 2 cores)
+    cpu_chunk: int = CPU_CHUNK  # on the CPU, images per model call within a batch (as the Embedder)
     batch_wait_ms: float = 5.0  # how long the batcher waits for more images after the first
     max_queue: int = 64  # images waiting for the model; beyond this requests get 429
     decode_threads: int = 2
