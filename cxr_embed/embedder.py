@@ -10,6 +10,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from .allocator import keep_freed_memory
 from .errors import InputError
 from .image import ImageInfo
 from .ingest import ImageSource, load_image
@@ -59,6 +60,7 @@ class Embedder:
         device: str | None = None,
         decode_workers: int = 2,
     ):
+        keep_freed_memory()  # no page faults on every batch's buffers: allocator.py
         self.device = pick_device(device)
         model = model if isinstance(model, EmbeddingModel) else create_model(model, device="cpu")
         # an inference copy (BatchNorm folded, channels_last on the CPU): the caller's model is left as it was

@@ -1,9 +1,11 @@
 """The engine: model, probes, index and a dynamic batcher. No HTTP here; the app is a thin layer on it.
 
 Images from concurrent requests are decoded in a small thread pool, then queued for one worker
-thread that runs the model on up to `max_batch` images at a time, waiting at most `batch_wait_ms`
-after the first for others to join. The queue is bounded: a request that does not fit gets
-`QueueFull` (HTTP 429) at once instead of growing memory.
+thread (the batcher) that runs the model on up to `max_batch` images at a time, waiting at most
+`batch_wait_ms` after the first for others to join. On a CPU of a few cores the batcher shares a
+batch's model calls with `cpu_workers - 1` helper threads (`Engine._forward_shared`). The queue
+is bounded: a request that does not fit gets `QueueFull` (HTTP 429) at once instead of growing
+memory.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cxr_embed.allocator import keep_freed_memory
 from cxr_embed.chest import CHECK_MODEL, ChestCheck, ReferenceSet, check_chest, check_embeddings, needs_image_check
 from cxr_embed.embedder import in_chunks, model_numpy, pick_device
 from cxr_embed.errors import CxrEmbedError, InputError
@@ -30,6 +33,11 @@ from cxr_embed.preprocess import preprocess
 from cxr_embed.threads import decode_pool, model_threads
 
 from .settings import ServiceSettings
+
+
+# cpu_workers=0 (auto): one single-threaded worker per model thread up to this many cores; beyond it
+# one team of threads (Python's GIL, which every op's dispatch needs, would be shared by too many)
+AUTO_CPU_WORKERS_MAX = 4
 
 
 class QueueFull(CxrEmbedError):
@@ -80,6 +88,8 @@ class Engine:
         self._lock = threading.Lock()
         self._decode_pool = decode_pool(settings.decode_threads)  # torch on one thread each: see threads.py
         self._threads = settings.model_threads or torch.get_num_threads()  # torch threads of the batcher
+        self._workers = 1  # threads sharing a batch on the CPU (_forward_shared); set at load
+        self._helpers = None
         self._worker: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -92,6 +102,7 @@ class Engine:
         thread with a multi-threaded torch team would slow every forward pass (threads.py)."""
         from probes import load_probe
 
+        keep_freed_memory()  # no page faults on every batch's buffers: allocator.py
         self.device = pick_device(self.settings.device)
         # numpy's BLAS (OpenBLAS) does only tiny products here (probes, chest-check similarities) on the
         # event-loop thread; with its own pool of threads, which spin after each call, it stole a core
@@ -138,6 +149,11 @@ class Engine:
     def _load_models(self) -> None:
         model_threads(self._threads)
         device = self.device
+        if device.type == "cpu":
+            workers = self.settings.cpu_workers or (self._threads if self._threads <= AUTO_CPU_WORKERS_MAX else 1)
+            self._workers = max(1, workers)
+            if self._workers > 1:
+                self._helpers = decode_pool(self._workers - 1, prefix="cxr-model")
         # inference copies, as the Embedder uses: BatchNorm folded, channels_last on the CPU
         self.model = inference_model(create_model(self.settings.model, device=device), device)
         if self.model.name == CHECK_MODEL:
@@ -149,6 +165,8 @@ class Engine:
     def close(self) -> None:
         self._stop.set()
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        if self._helpers is not None:
+            self._helpers.shutdown(wait=False, cancel_futures=True)
 
     @property
     def queue_depth(self) -> int:
@@ -192,21 +210,89 @@ class Engine:
 
     @torch.inference_mode()
     def _forward(self, x: torch.Tensor, wants_check: list[bool]) -> tuple[np.ndarray, list]:
-        """Embeddings of the batch, and chest-check embeddings of the images that want one (else None);
-        on the CPU, `cpu_chunk` images per model call (see `in_chunks`)."""
+        """Embeddings of the batch, and chest-check embeddings of the images that want one (else None).
+
+        On the CPU, more than one model call's worth of work (two images, or one image and its
+        check) is shared among `cpu_workers` threads that each run torch on one thread
+        (`_forward_shared`); a lone call runs on the batcher's team of threads, `cpu_chunk` images
+        per call (see `in_chunks`)."""
         x = x.to(self.device)
+        idx = [i for i, w in enumerate(wants_check) if w] if self.reference is not None else []
+        check: list = [None] * len(wants_check)
         if self.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
+            if self._workers > 1 and len(x) + len(idx) > 1:
+                embs, check_embs = self._forward_shared(x, idx)
+                for i, e in zip(idx, check_embs):
+                    check[i] = e
+                return embs, check
+            model_threads(self._threads)
         step = self.settings.cpu_chunk if self.device.type == "cpu" else len(x)
         embs = in_chunks(model_numpy(self.model), x, step)
-        check: list = [None] * len(wants_check)
-        idx = [i for i, w in enumerate(wants_check) if w]
-        if idx and self.reference is not None:
+        if idx:
             sub = x if len(idx) == len(wants_check) else x[idx]
             check_fn = partial(check_embeddings, self.check_model, size=self.reference.size)
-            for i, e in zip(idx, in_chunks(check_fn, sub, step)):
+            for i, e in zip(idx, in_chunks(check_fn, sub, self._check_chunk(step, x.shape[-1]))):
                 check[i] = e
         return embs, check
+
+    def _check_chunk(self, step: int, side: int) -> int:
+        """Images per check-network call: as many pixels as `step` images of `side` px for the main
+        model (12 at 128 px against 4 at 224 px: 2.6 instead of 3.3 ms per image; BENCHMARKS.md)."""
+        return max(step, round(step * (side / self.reference.size) ** 2))
+
+    def _forward_shared(self, x: torch.Tensor, idx: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings of `x`, and check embeddings of the images in `idx` (in that order), with the
+        batch's model calls shared among `cpu_workers` threads, each running torch on one thread:
+        the batcher and `cpu_workers - 1` helpers take the next call from a common list until none
+        is left (main-model chunks first, then chest-check chunks).
+
+        On a few cores this beats one team of threads on the same calls: a team's threads wait for
+        each other at every op, so when one of them is pre-empted (decoding, HTTP, JSON of the other
+        requests) both cores stall; single-threaded workers just go on. BENCHMARKS.md has the
+        numbers. Each image's embedding is the same as alone (a test checks it)."""
+        workers = self._workers
+        sub = x[idx].contiguous(memory_format=torch.channels_last) if idx and len(idx) < len(x) else x
+        calls = []  # (network, input, first row of the output)
+        main_step = max(1, min(self.settings.cpu_chunk, -(-len(x) // workers)))
+        calls += [("main", x[i : i + main_step], i) for i in range(0, len(x), main_step)]
+        if idx:
+            check_step = min(self._check_chunk(self.settings.cpu_chunk, x.shape[-1]), -(-len(idx) // workers))
+            calls += [("check", sub[i : i + check_step], i) for i in range(0, len(idx), check_step)]
+        embs = np.empty((len(x), self.model.dim), np.float32)
+        check_embs = np.empty((len(idx), self.check_model.dim if idx else 0), np.float32)
+        todo = iter(calls)
+        lock = threading.Lock()
+        failed = threading.Event()  # once a call fails, the others stop taking calls
+
+        def work() -> None:
+            model_threads(1)  # the helpers already are; the batcher switches back for lone calls
+            with torch.inference_mode():
+                while not failed.is_set():
+                    with lock:
+                        call = next(todo, None)
+                    if call is None:
+                        return
+                    network, xs, row = call
+                    try:
+                        if network == "main":
+                            embs[row : row + len(xs)] = self.model(xs).float().cpu().numpy()
+                        else:
+                            check_embs[row : row + len(xs)] = check_embeddings(self.check_model, xs,
+                                                                               size=self.reference.size)
+                    except BaseException:
+                        failed.set()
+                        raise
+
+        helpers = [self._helpers.submit(work) for _ in range(min(workers, len(calls)) - 1)]
+        try:
+            work()
+        finally:
+            for f in helpers:  # always wait: the next batch must not overlap with this one
+                f.exception()
+        for f in helpers:
+            f.result()  # a helper's failure fails the batch, as the batcher's own would
+        return embs, check_embs
 
     # --- requests ------------------------------------------------------------------------------
 

@@ -23,6 +23,9 @@ class ServiceSettings:
     max_batch: int = 16  # images per forward pass
     model_threads: int = 0  # torch threads running the model; 0: torch's default (one per core)
     cpu_chunk: int = CPU_CHUNK  # on the CPU, images per model call within a batch (as the Embedder)
+    # on the CPU, threads that share a batch's model calls, each running torch on one thread;
+    # 0: auto (one per model thread on up to 4 cores, else 1); 1: one team of threads for everything
+    cpu_workers: int = 0
     batch_wait_ms: float = 5.0  # how long the batcher waits for more images after the first
     max_queue: int = 64  # images waiting for the model; beyond this requests get 429
     decode_threads: int = 2

@@ -1,5 +1,6 @@
 """The real service: uvicorn in a subprocess on 127.0.0.1, called over HTTP with httpx."""
 
+import asyncio
 import base64
 import io
 import os
@@ -351,21 +352,35 @@ def test_image_check_policies_on_a_dicom_whose_tags_lie(dcm_dir, policy, flagged
     assert (engine.check_model is None) is (policy == "never")
 
 
-def test_engine_batches_match_single_images(samples, dcm_dir):
-    """A batch split into CPU chunks, with the chest check on some images only, gives each image
-    what it gets alone."""
+@pytest.mark.parametrize("cpu_workers", [1, 2])
+def test_engine_batches_match_single_images(samples, dcm_dir, cpu_workers):
+    """A batch, whether run on one team of threads in CPU chunks or shared among single-threaded
+    workers, with the chest check on some images only, gives each image what it gets alone."""
+    import threading
+
     import torch
 
     from service.engine import Engine
     from service.settings import ServiceSettings
 
-    engine = Engine(ServiceSettings(image_check="always", cpu_chunk=4))
+    engine = Engine(ServiceSettings(image_check="always", cpu_chunk=4, cpu_workers=cpu_workers))
     engine.load()
+    assert engine._workers == cpu_workers and (engine._helpers is None) == (cpu_workers == 1)
     try:
         files = sorted(samples.glob("*.jpg")) + [dcm_dir / "RG1_UNCR.dcm"]
         x = torch.stack([engine._prepare(p.read_bytes())[0] for p in files])
         wants = [i % 3 != 1 for i in range(len(files))]
+        helper_threads = set()
+        if cpu_workers > 1:  # the helper really takes part
+            original = engine.model.forward
+
+            def spy(*args, **kw):
+                helper_threads.add(threading.current_thread().name)
+                return original(*args, **kw)
+
+            engine.model.forward = spy
         embs, checks = engine._forward(x, wants)
+        assert len(helper_threads) == (2 if cpu_workers > 1 else 0)
         for i in range(len(files)):
             e1, c1 = engine._forward(x[i : i + 1], [True])
             np.testing.assert_allclose(embs[i], e1[0], atol=1e-4)
@@ -375,3 +390,48 @@ def test_engine_batches_match_single_images(samples, dcm_dir):
                 assert checks[i] is None
     finally:
         engine.close()
+
+
+def test_a_failing_helper_fails_its_batch_not_the_batcher(samples):
+    """A model error in a helper thread reaches the batch's requests; the next batch runs."""
+    import threading
+
+    from service.engine import Engine
+    from service.settings import ServiceSettings
+
+    engine = Engine(ServiceSettings(image_check="always", cpu_workers=2))
+    engine.load()
+    try:
+        jpgs = [("a.jpg", p.read_bytes()) for p in sorted(samples.glob("*.jpg"))[:4]]
+        original = engine.check_model.forward
+
+        def broken(x):
+            if threading.current_thread().name.startswith("cxr-model"):  # the helper, not the batcher
+                raise RuntimeError("simulated failure in the check network")
+            time.sleep(0.3)  # the batcher dawdles: the helper surely takes a check call meanwhile
+            return original(x)
+
+        engine.check_model.forward = broken
+        with pytest.raises(RuntimeError, match="simulated failure"):
+            asyncio.run(engine.process(jpgs))
+        engine.check_model.forward = original
+        results = asyncio.run(engine.process(jpgs))
+        assert all(r.error is None and r.embedding is not None and r.chest.checked_by == ["image"] for r in results)
+    finally:
+        engine.close()
+
+
+def test_malloc_tuning_applies_once_and_can_be_turned_off():
+    """glibc keeps freed buffers (allocator.py); CXR_EMBED_MALLOC_TUNING=0 leaves malloc alone."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from cxr_embed.allocator import keep_freed_memory as k; "
+            "import ctypes.util, platform; print(k(), k(), platform.libc_ver()[0])")
+    for value, expected in (("1", "True"), ("0", "False")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "CXR_EMBED_MALLOC_TUNING": value}).stdout.split()
+        if out[2] != "glibc":
+            pytest.skip("malloc tuning is for glibc only")
+        assert out[:2] == [expected, expected]
