@@ -51,7 +51,11 @@ def pick_device(device: str | None = None) -> torch.device:
 
 
 class Embedder:
-    """Embeds images with one model in batches; the same input always gives the same embedding."""
+    """Embeds images with one model in batches; the same input always gives the same embedding.
+
+    Creating one applies process-wide malloc settings on glibc (`cxr_embed.allocator`: freed
+    buffers are kept for the next batch); set CXR_EMBED_MALLOC_TUNING=0 before to leave malloc alone.
+    """
 
     def __init__(
         self,
