@@ -216,83 +216,80 @@ class Engine:
         check) is shared among `cpu_workers` threads that each run torch on one thread
         (`_forward_shared`); a lone call runs on the batcher's team of threads, `cpu_chunk` images
         per call (see `in_chunks`)."""
+        cpu = self.device.type == "cpu"
         x = x.to(self.device)
-        idx = [i for i, w in enumerate(wants_check) if w] if self.reference is not None else []
-        check: list = [None] * len(wants_check)
-        if self.device.type == "cpu":
+        if cpu:
             x = x.contiguous(memory_format=torch.channels_last)
-            if self._workers > 1 and len(x) + len(idx) > 1:
-                embs, check_embs = self._forward_shared(x, idx)
-                for i, e in zip(idx, check_embs):
-                    check[i] = e
-                return embs, check
-            model_threads(self._threads)
-        step = self.settings.cpu_chunk if self.device.type == "cpu" else len(x)
-        embs = in_chunks(model_numpy(self.model), x, step)
+        step = self.settings.cpu_chunk if cpu else len(x)
+        work = [(model_numpy(self.model), x, step)]  # (network as a function, its input, images per call)
+        idx = [i for i, w in enumerate(wants_check) if w] if self.reference is not None else []
         if idx:
-            sub = x if len(idx) == len(wants_check) else x[idx]
-            check_fn = partial(check_embeddings, self.check_model, size=self.reference.size)
-            for i, e in zip(idx, in_chunks(check_fn, sub, self._check_chunk(step, x.shape[-1]))):
-                check[i] = e
-        return embs, check
+            sub = x if len(idx) == len(x) else x[idx]
+            if cpu:
+                sub = sub.contiguous(memory_format=torch.channels_last)  # no copy where it already is
+            work.append((partial(check_embeddings, self.check_model, size=self.reference.size), sub,
+                         self._check_chunk(step, x.shape[-1])))
+        if cpu and self._workers > 1 and len(x) + len(idx) > 1:
+            outs = self._forward_shared(work)
+        else:
+            if cpu:
+                model_threads(self._threads)
+            outs = [in_chunks(fn, inputs, per_call) for fn, inputs, per_call in work]
+        check: list = [None] * len(wants_check)
+        for i, e in zip(idx, outs[1] if idx else []):
+            check[i] = e
+        return outs[0], check
 
     def _check_chunk(self, step: int, side: int) -> int:
         """Images per check-network call: as many pixels as `step` images of `side` px for the main
         model (12 at 128 px against 4 at 224 px: 2.6 instead of 3.3 ms per image; BENCHMARKS.md)."""
         return max(step, round(step * (side / self.reference.size) ** 2))
 
-    def _forward_shared(self, x: torch.Tensor, idx: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Embeddings of `x`, and check embeddings of the images in `idx` (in that order), with the
-        batch's model calls shared among `cpu_workers` threads, each running torch on one thread:
-        the batcher and `cpu_workers - 1` helpers take the next call from a common list until none
-        is left (main-model chunks first, then chest-check chunks).
+    def _forward_shared(self, work: list[tuple]) -> list[np.ndarray]:
+        """`in_chunks` for each (function, input, images per call) of `work`, with the model calls
+        shared among `cpu_workers` threads, each running torch on one thread: the batcher and
+        `cpu_workers - 1` helpers take the next call from a common list until none is left (in the
+        order of `work`: main-model chunks first, then chest-check chunks). Calls hold at most
+        images per call, and fewer where that leaves a worker idle.
 
         On a few cores this beats one team of threads on the same calls: a team's threads wait for
         each other at every op, so when one of them is pre-empted (decoding, HTTP, JSON of the other
         requests) both cores stall; single-threaded workers just go on. BENCHMARKS.md has the
         numbers. Each image's embedding is the same as alone (a test checks it)."""
         workers = self._workers
-        sub = x[idx].contiguous(memory_format=torch.channels_last) if idx and len(idx) < len(x) else x
-        calls = []  # (network, input, first row of the output)
-        main_step = max(1, min(self.settings.cpu_chunk, -(-len(x) // workers)))
-        calls += [("main", x[i : i + main_step], i) for i in range(0, len(x), main_step)]
-        if idx:
-            check_step = min(self._check_chunk(self.settings.cpu_chunk, x.shape[-1]), -(-len(idx) // workers))
-            calls += [("check", sub[i : i + check_step], i) for i in range(0, len(idx), check_step)]
-        embs = np.empty((len(x), self.model.dim), np.float32)
-        check_embs = np.empty((len(idx), self.check_model.dim if idx else 0), np.float32)
-        todo = iter(calls)
+        calls = []  # (which entry of work, function, input slice)
+        for k, (fn, inputs, per_call) in enumerate(work):
+            step = max(1, min(per_call, -(-len(inputs) // workers)))
+            calls += [(k, fn, inputs[i : i + step]) for i in range(0, len(inputs), step)]
+        results: list = [None] * len(calls)
+        todo = iter(enumerate(calls))
         lock = threading.Lock()
         failed = threading.Event()  # once a call fails, the others stop taking calls
 
-        def work() -> None:
+        def run_calls() -> None:
             model_threads(1)  # the helpers already are; the batcher switches back for lone calls
             with torch.inference_mode():
                 while not failed.is_set():
                     with lock:
-                        call = next(todo, None)
+                        n, call = next(todo, (None, None))
                     if call is None:
                         return
-                    network, xs, row = call
                     try:
-                        if network == "main":
-                            embs[row : row + len(xs)] = self.model(xs).float().cpu().numpy()
-                        else:
-                            check_embs[row : row + len(xs)] = check_embeddings(self.check_model, xs,
-                                                                               size=self.reference.size)
+                        results[n] = call[1](call[2])
                     except BaseException:
                         failed.set()
                         raise
 
-        helpers = [self._helpers.submit(work) for _ in range(min(workers, len(calls)) - 1)]
+        helpers = [self._helpers.submit(run_calls) for _ in range(min(workers, len(calls)) - 1)]
         try:
-            work()
+            run_calls()
         finally:
             for f in helpers:  # always wait: the next batch must not overlap with this one
                 f.exception()
         for f in helpers:
             f.result()  # a helper's failure fails the batch, as the batcher's own would
-        return embs, check_embs
+        return [np.concatenate([r for (k, _, _), r in zip(calls, results) if k == entry])
+                for entry in range(len(work))]
 
     # --- requests ------------------------------------------------------------------------------
 

@@ -423,12 +423,8 @@ def test_a_failing_helper_fails_its_batch_not_the_batcher(samples):
 
 def test_malloc_tuning_applies_once_and_can_be_turned_off():
     """glibc keeps freed buffers (allocator.py); CXR_EMBED_MALLOC_TUNING=0 leaves malloc alone."""
-    import os
-    import subprocess
-    import sys
-
     code = ("from cxr_embed.allocator import keep_freed_memory as k; "
-            "import ctypes.util, platform; print(k(), k(), platform.libc_ver()[0])")
+            "import platform; print(k(), k(), platform.libc_ver()[0])")
     for value, expected in (("1", "True"), ("0", "False")):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                              env={**os.environ, "CXR_EMBED_MALLOC_TUNING": value}).stdout.split()
