@@ -1,7 +1,8 @@
 """cxr-embed: chest X-ray embeddings with open weights, from DICOM to probes."""
 
-from .embedder import Embedder, EmbeddingResult
+from .embedder import Embedder
 from .errors import (
+    ConfigError,
     CxrEmbedError,
     ImageTooSmall,
     InputError,
@@ -13,10 +14,14 @@ from .errors import (
     UnknownModel,
     UnsupportedImage,
 )
+from .identity import ModelIdentity
 from .image import DecodedImage, ImageInfo
 from .ingest import load_image
 from .models import create_model, default_model_name, list_models, load_checkpoint, save_checkpoint
+from .labels import LabelTable, read_labels
 from .preprocess import PREPROCESS_VERSION, PreprocessConfig, preprocess
+from .process import configure_process
+from .runtime import EmbeddingResult, Runtime, RuntimeSettings
 from .store import Store, StoreWriter, merge_stores
 
 __version__ = "0.1.0"

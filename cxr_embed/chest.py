@@ -24,8 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import UnknownModel
 from .image import ImageInfo
-from .models import WEIGHTS_DIR, EmbeddingModel
+from .models import WEIGHTS_DIR, EmbeddingModel, get_spec
 
 CHEST_MODALITIES = {"CR", "DX"}
 CHEST_BODY_PARTS = {"CHEST", "THORAX", "LUNG", "LUNGS", "TORAX", "TORSO", "PORT CHEST"}
@@ -92,7 +93,12 @@ class ReferenceSet:
 
     @staticmethod
     def path_for(model_name: str) -> Path:
-        return WEIGHTS_DIR / f"{model_name}.reference.npz"
+        """Where the model's spec says its reference set lives in the package."""
+        try:
+            name = get_spec(model_name).reference_file
+        except UnknownModel:  # a checkpoint of one's own: beside the package's, by name
+            name = None
+        return WEIGHTS_DIR / (name or f"{model_name}.reference.npz")
 
     @classmethod
     def for_model(cls, model: EmbeddingModel) -> "ReferenceSet | None":
@@ -136,3 +142,21 @@ def check_chest(info: ImageInfo, embedding: np.ndarray | None, reference: Refere
             reasons.append(f"the image does not look like a chest radiograph: its embedding's similarity to the "
                            f"nearest reference CXR is {sim:.3f}, below {thr:.3f}")
     return ChestCheck(not reasons, reasons, sim, thr, checked_by)
+
+
+def build_reference(sources: list, model: str = CHECK_MODEL, size: int = CHECK_SIZE, batch: int = 32,
+                    progress: bool = False) -> ReferenceSet:
+    """A reference set from images of frontal CXRs (paths or bytes), embedded by `model` at `size` px."""
+    from tqdm import tqdm
+
+    from .embedder import Embedder
+
+    embedder = Embedder(model, device="cpu")
+    try:
+        tensors = [embedder.prepare(s)[0] for s in tqdm(sources, desc="reference images", unit="img",
+                                                         disable=not progress, mininterval=1.0)]
+    finally:
+        embedder.close()
+    embs = np.concatenate([check_embeddings(embedder.model, torch.stack(tensors[i : i + batch]), size)
+                           for i in range(0, len(tensors), batch)])
+    return ReferenceSet.build(embs, embedder.model.weights_hash, size=size)

@@ -78,3 +78,9 @@ class LabelError(CxrEmbedError, ValueError):
     """A label file or label array that cannot be used; the message names the row or class."""
 
     code = "bad_labels"
+
+
+class ConfigError(CxrEmbedError, ValueError):
+    """A setting (command-line option, environment variable, argument) has a value we cannot use."""
+
+    code = "bad_setting"

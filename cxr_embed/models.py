@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, UnknownModel
+from .identity import ModelIdentity
 from .preprocess import PreprocessConfig
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")
@@ -29,12 +30,21 @@ BASELINE_MODEL = "imagenet-effnet-lite0"
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """A registered model: architecture, weights, preprocessing, dimension, and the package files it
+    owns (under `cxr_embed/weights/`; the built wheel must hold every one: tests/test_wheel.py)."""
+
     name: str
     arch: str
     dim: int
     preprocess: PreprocessConfig
     load_state_dict: Callable[[], dict[str, torch.Tensor]] = field(compare=False, repr=False)
     description: str = ""
+    weights_file: str | None = None  # shipped weights, when they are in the package
+    reference_file: str | None = None  # the chest-check reference set built with this model
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return tuple(f for f in (self.weights_file, self.reference_file) if f)
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -46,12 +56,24 @@ def register_model(spec: ModelSpec) -> ModelSpec:
     return spec
 
 
+def package_files() -> list[Path]:
+    """Every file under `weights/` that a registered model loads."""
+    return [WEIGHTS_DIR / f for spec in _REGISTRY.values() for f in spec.files]
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in _REGISTRY:
+        raise UnknownModel(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    return _REGISTRY[name]
+
+
 def list_models() -> list[str]:
     return sorted(n for n in _REGISTRY if _available(n))
 
 
 def _available(name: str) -> bool:
-    return name != SHIPPED_MODEL or (WEIGHTS_DIR / f"{SHIPPED_MODEL}.safetensors").exists()
+    weights = _REGISTRY[name].weights_file
+    return weights is None or (WEIGHTS_DIR / weights).exists()
 
 
 def default_model_name() -> str:
@@ -76,14 +98,9 @@ class EmbeddingModel(nn.Module):
         return self.backbone(x)
 
     @property
-    def identity(self) -> dict[str, str | int]:
+    def identity(self) -> ModelIdentity:
         """What every embedding written anywhere records."""
-        return {
-            "model_name": self.name,
-            "weights_hash": self.weights_hash,
-            "preprocess_version": self.preprocess.identity,
-            "dim": self.dim,
-        }
+        return ModelIdentity(self.name, self.weights_hash, self.preprocess.identity, self.dim)
 
 
 def weights_hash(module: nn.Module) -> str:
@@ -264,7 +281,7 @@ def imagenet_lite0_classifier() -> nn.Module:
 def _shipped_state() -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    state = load_file(str(WEIGHTS_DIR / f"{SHIPPED_MODEL}.safetensors"))
+    state = load_file(str(WEIGHTS_DIR / _REGISTRY[SHIPPED_MODEL].weights_file))
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
@@ -276,6 +293,7 @@ register_model(
         preprocess=PreprocessConfig(size=224, mean=0.5, std=0.5),
         load_state_dict=lambda: {k: v for k, v in _imagenet_lite0_state().items() if not k.startswith("classifier.")},
         description="EfficientNet-Lite0 with ImageNet weights: the baseline CXR pretraining must beat",
+        reference_file=f"{BASELINE_MODEL}.reference.npz",
     )
 )
 register_model(
@@ -286,5 +304,6 @@ register_model(
         preprocess=PreprocessConfig(size=224, mean=0.5, std=0.5),
         load_state_dict=_shipped_state,
         description="EfficientNet-Lite0 SupCon-pretrained on 15k CXRs (normal/abnormal); see MODEL_CARD.md",
+        weights_file=f"{SHIPPED_MODEL}.safetensors",
     )
 )

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from .augment import AugmentConfig, augment, center_view
 from .errors import CxrEmbedError, InputError, LabelError
 from .ingest import load_image, read_bytes
+from .labels import read_labels
 from .models import EmbeddingModel, create_model, save_checkpoint
 from .preprocess import letterbox
 from .threads import decode_pool
@@ -133,23 +134,9 @@ class Pool:
 
 
 def _read_label_rows(cfg: PretrainConfig) -> list[tuple[str, str]]:
-    path = Path(cfg.labels)
-    if not path.is_file():
-        raise LabelError(f"label file {path} not found")
-    rows = []
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in ["image", *cfg.label_columns] if c not in (reader.fieldnames or [])]
-        if missing:
-            raise LabelError(f"{path}: missing column(s) {', '.join(missing)} (found {', '.join(reader.fieldnames or [])})")
-        for line, row in enumerate(reader, start=2):
-            values = [(row[c] or "").strip() for c in cfg.label_columns]
-            if not row["image"] or any(v == "" for v in values):
-                raise LabelError(f"{path} line {line}: empty image or label value")
-            rows.append((row["image"].strip(), "|".join(values)))
-            if cfg.max_images and len(rows) >= cfg.max_images:
-                break
-    return rows
+    """(image, class key) rows of the pool through the one label reader (cxr_embed.labels)."""
+    table = read_labels(cfg.labels, cfg.label_columns, max_rows=cfg.max_images or 0, encode=False)
+    return [(image, table.key(i)) for i, image in enumerate(table.images)]
 
 
 def _decode_one(data: bytes, size: int) -> np.ndarray:
@@ -220,7 +207,9 @@ def build_pack(cfg: PretrainConfig, out: str | os.PathLike, parts: int = 1, qual
     return paths
 
 
-def load_pool_from_packs(paths: list[str], progress: bool = True) -> Pool:
+def load_pool_from_packs(paths: list[str], label_columns: list[str], progress: bool = True) -> Pool:
+    """The pool stored in pack file(s); refuses packs whose class keys were built from other label
+    columns than `label_columns` (the checkpoint would record columns it was not trained on)."""
     from PIL import Image
 
     images, ids, keys, hashes = [], [], [], set()
@@ -228,6 +217,10 @@ def load_pool_from_packs(paths: list[str], progress: bool = True) -> Pool:
         with h5py.File(p, "r") as f:
             if f.attrs.get("format") != "cxr-embed-pack/1":
                 raise CxrEmbedError(f"{p} is not a cxr-embed pack")
+            packed = json.loads(f.attrs.get("label_columns", "null"))
+            if packed != list(label_columns):
+                raise CxrEmbedError(f"pack {p} holds labels of column(s) {packed}, but the config asks for "
+                                    f"{list(label_columns)}: rebuild the pack with `cxr-embed pack` and these columns")
             hashes.add(str(f.attrs["data_hash"]))
             blobs = f["jpeg"][:]
             ids += [x.decode() if isinstance(x, bytes) else x for x in f["ids"][:]]
@@ -355,17 +348,12 @@ def _hardware(device: torch.device, world: int) -> str:
 
 # --- the loop --------------------------------------------------------------------------------------
 
-def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
-    """Train; resumes from `out_dir/last.pt` when present. Returns the final safetensors checkpoint."""
-    from pytorch_metric_learning.losses import SupConLoss
-
+def _start_processes(cfg: PretrainConfig) -> tuple[torch.device, int, int]:
+    """The device, rank and world size; starts the process group under torchrun."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.device)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else torch.device(cfg.device)
     if world > 1:
         import torch.distributed as dist
 
@@ -373,159 +361,226 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log_path = out_dir / "log.jsonl"
-    is_main = rank == 0
+    return device, rank, world
 
-    def log(record: dict) -> None:
-        if is_main:
+
+class RunLog:
+    """JSON lines to `out_dir/log.jsonl` and stderr, from the main process only."""
+
+    def __init__(self, path: Path, is_main: bool):
+        self.path, self.is_main = path, is_main
+
+    def __call__(self, record: dict) -> None:
+        if self.is_main:
             record = {"time": round(time.time(), 1), **record}
-            with open(log_path, "a") as fh:
+            with open(self.path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
             print(json.dumps(record), file=sys.stderr, flush=True)
 
-    pool = load_pool_from_packs(cfg.packs, progress and is_main) if cfg.packs else load_pool_from_csv(cfg, progress and is_main)
-    if pool.failed:
-        log({"event": "skipped_images", "count": len(pool.failed), "examples": dict(list(pool.failed.items())[:5])})
-    # Hold aside a fixed, seeded set for the quick probe; classes seen too rarely are not trained on.
-    rng = np.random.default_rng(cfg.seed)
-    order = rng.permutation(len(pool.ids))
+
+def split_pool(pool: Pool, cfg: PretrainConfig, log) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(holdout rows, training rows, class index of every row): a fixed, seeded holdout for the quick
+    probe; classes rarer than `min_class_count` are not trained on."""
+    order = np.random.default_rng(cfg.seed).permutation(len(pool.ids))
     n_hold = min(cfg.holdout, len(order) // 5)
     hold, train_ix = np.sort(order[:n_hold]), np.sort(order[n_hold:])
     key_list = sorted(set(pool.keys))
     labels_all = np.array([key_list.index(k) for k in pool.keys])
     counts = np.bincount(labels_all[train_ix], minlength=len(key_list))
-    rare = [key_list[c] for c in range(len(key_list)) if counts[c] < cfg.min_class_count]
+    rare = [c for c in range(len(key_list)) if counts[c] < cfg.min_class_count]
     if rare:
-        train_ix = train_ix[np.isin(labels_all[train_ix], [key_list.index(k) for k in rare], invert=True)]
-        log({"event": "dropped_rare_classes", "classes": rare[:20], "count": len(rare)})
+        train_ix = train_ix[np.isin(labels_all[train_ix], rare, invert=True)]
+        log({"event": "dropped_rare_classes", "classes": [key_list[c] for c in rare][:20], "count": len(rare)})
     if len(np.unique(labels_all[train_ix])) < 2:
         raise LabelError("SupCon needs at least two label classes with enough images")
+    return hold, train_ix, labels_all
 
-    base = create_model(cfg.base_model)
-    backbone = base.backbone.to(device)
-    head = ProjectionHead(base.dim, cfg.projection_hidden, cfg.projection_dim).to(device)
-    frozen = _freeze(backbone, cfg.freeze_blocks)
-    if device.type == "cuda":
-        backbone = backbone.to(memory_format=torch.channels_last)
-    params = [
-        {"params": [p for p in backbone.parameters() if p.requires_grad], "lr_mult": 1.0},
-        {"params": list(head.parameters()), "lr_mult": cfg.head_lr_mult},
-    ]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loss_fn = SupConLoss(temperature=cfg.temperature)
-    train_model: nn.Module = nn.Sequential(backbone, head)
-    if world > 1:
-        from pytorch_metric_learning.utils import distributed as pml_dist
-        from torch.nn.parallel import DistributedDataParallel
 
-        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
-        loss_fn = pml_dist.DistributedLossWrapper(loss_fn)
+class Trainer:
+    """One SupCon pretraining run: model, optimiser, loss and the resumable state of the loop."""
 
-    batches = ClassBalancedBatches(labels_all[train_ix], cfg.batch_size, cfg.classes_per_batch, cfg.seed, rank)
-    steps_per_epoch = len(batches)
-    total_steps = steps_per_epoch * cfg.epochs
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
+    def __init__(self, cfg: PretrainConfig, progress: bool = True):
+        self.cfg, self.progress = cfg, progress
+        self.device, self.rank, self.world = _start_processes(cfg)
+        self.is_main = self.rank == 0
+        self.out_dir = Path(cfg.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.log = RunLog(self.out_dir / "log.jsonl", self.is_main)
+        self.ckpt_path = self.out_dir / "last.pt"
+        self.pool = load_pool_from_packs(cfg.packs, cfg.label_columns, progress and self.is_main) if cfg.packs \
+            else load_pool_from_csv(cfg, progress and self.is_main)
+        if self.pool.failed:
+            self.log({"event": "skipped_images", "count": len(self.pool.failed),
+                      "examples": dict(list(self.pool.failed.items())[:5])})
+        self.hold, self.train_ix, self.labels_all = split_pool(self.pool, cfg, self.log)
+        self._build_model()
+        self.batches = ClassBalancedBatches(self.labels_all[self.train_ix], cfg.batch_size, cfg.classes_per_batch,
+                                            cfg.seed, self.rank)
+        self.steps_per_epoch = len(self.batches)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        if cfg.max_steps:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.step, self.history, self.train_seconds = 0, [], 0.0
 
-    step, history, train_seconds = 0, [], 0.0
-    ckpt_path = out_dir / "last.pt"
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        backbone.load_state_dict(state["backbone"])
-        head.load_state_dict(state["head"])
-        opt.load_state_dict(state["optimizer"])
-        step, history, train_seconds = state["step"], state["history"], state["train_seconds"]
-        log({"event": "resumed", "step": step, "from": str(ckpt_path)})
+    def _build_model(self) -> None:
+        from pytorch_metric_learning.losses import SupConLoss
 
-    def save_state() -> None:
-        if not is_main:
+        cfg, device = self.cfg, self.device
+        self.base = create_model(cfg.base_model)
+        self.backbone = self.base.backbone.to(device)
+        self.head = ProjectionHead(self.base.dim, cfg.projection_hidden, cfg.projection_dim).to(device)
+        self.frozen = _freeze(self.backbone, cfg.freeze_blocks)
+        if device.type == "cuda":
+            self.backbone = self.backbone.to(memory_format=torch.channels_last)
+        params = [{"params": [p for p in self.backbone.parameters() if p.requires_grad], "lr_mult": 1.0},
+                  {"params": list(self.head.parameters()), "lr_mult": cfg.head_lr_mult}]
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.loss_fn = SupConLoss(temperature=cfg.temperature)
+        self.train_model: nn.Module = nn.Sequential(self.backbone, self.head)
+        if self.world > 1:
+            from pytorch_metric_learning.utils import distributed as pml_dist
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.train_model, device_ids=ids)
+            self.loss_fn = pml_dist.DistributedLossWrapper(self.loss_fn)
+
+    # --- state ----------------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Continue from `out_dir/last.pt` when present (tensors and plain data only: weights_only)."""
+        if not self.ckpt_path.exists():
             return
-        tmp = ckpt_path.with_name("last.pt.tmp")
-        torch.save({"backbone": backbone.state_dict(), "head": head.state_dict(), "optimizer": opt.state_dict(),
-                    "step": step, "history": history, "train_seconds": train_seconds,
-                    "config": cfg.to_dict()}, tmp)
-        os.replace(tmp, ckpt_path)
+        try:
+            state = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
+        except Exception as exc:  # torch raises several kinds on a damaged or foreign file
+            raise CxrEmbedError(f"cannot resume from {self.ckpt_path}: {type(exc).__name__}: {exc}; "
+                                "delete it to start over") from None
+        self.backbone.load_state_dict(state["backbone"])
+        self.head.load_state_dict(state["head"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.step, self.history, self.train_seconds = state["step"], state["history"], state["train_seconds"]
+        self.log({"event": "resumed", "step": self.step, "from": str(self.ckpt_path)})
 
-    def probe(tag: str) -> None:
-        if not is_main or n_hold == 0:
+    def save_state(self) -> None:
+        if not self.is_main:
             return
-        emb = embed_uint8(backbone, pool.images[hold], device)
-        auc = quick_probe_auc(emb, [pool.keys[n] for n in hold])
-        history.append({"step": step, "when": tag, "holdout_auc": auc})
-        log({"event": "quick_probe", "step": step, "when": tag, "holdout_auc": auc, "holdout_images": int(n_hold)})
+        tmp = self.ckpt_path.with_name("last.pt.tmp")
+        torch.save({"backbone": self.backbone.state_dict(), "head": self.head.state_dict(),
+                    "optimizer": self.opt.state_dict(), "step": self.step, "history": self.history,
+                    "train_seconds": self.train_seconds, "config": self.cfg.to_dict()}, tmp)
+        os.replace(tmp, self.ckpt_path)
 
-    log({"event": "start", "images": len(train_ix), "holdout": int(n_hold), "classes": len(np.unique(labels_all[train_ix])),
-         "batch_size": batches.batch_size, "steps": total_steps, "device": str(device), "world": world,
-         "data_hash": pool.data_hash})
-    if step == 0:
-        probe("start")
-    images_dev = torch.from_numpy(pool.images).to(device)  # uint8; 15k x 224^2 is 0.8 GB
-    gen = torch.Generator(device=device)
-    backbone.train()
-    for m in frozen:
-        m.eval()
-    use_amp = cfg.amp and device.type == "cuda"
-    t_log, n_log = time.perf_counter(), 0
-    bar = tqdm(total=total_steps, initial=step, unit="step", desc="pretraining", disable=not (progress and is_main),
-               file=sys.stderr, mininterval=5.0)
-    try:
-        while step < total_steps:
-            epoch, in_epoch = divmod(step, steps_per_epoch)
-            idx = train_ix[batches.epoch(epoch)[in_epoch]]
-            gen.manual_seed(cfg.seed * 1_000_003 + step * 31 + rank)
-            t0 = time.perf_counter()
-            lr = lr_at(step, total_steps, cfg.lr, cfg.warmup_steps)
-            for g in opt.param_groups:
-                g["lr"] = lr * g["lr_mult"]
-            imgs = images_dev[torch.from_numpy(idx).to(device)]
-            views = torch.cat([augment(imgs, cfg.augment, gen), augment(imgs, cfg.augment, gen)])
-            if device.type == "cuda":
-                views = views.contiguous(memory_format=torch.channels_last)
-            labels = torch.from_numpy(labels_all[idx]).to(device).repeat(2)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                z = train_model(views)
-            loss = loss_fn(z.float(), labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            n_log += len(idx)
-            if device.type == "cuda" and step % cfg.log_every == 0:
-                torch.cuda.synchronize()
-            train_seconds += time.perf_counter() - t0
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
-                dt = time.perf_counter() - t_log
-                log({"event": "train", "step": step, "epoch": epoch, "loss": round(loss.item(), 4), "lr": lr,
-                     "images_per_s": round(n_log * world / dt, 1)})
-                t_log, n_log = time.perf_counter(), 0
-            if step % cfg.checkpoint_every == 0:
-                save_state()
-            if step % steps_per_epoch == 0 and (step // steps_per_epoch) in cfg.snapshot_epochs and is_main:
-                snap = EmbeddingModel(copy.deepcopy(backbone).float().cpu(), cfg.name, base.arch, base.preprocess)
-                save_checkpoint(snap, out_dir / "snapshots" / f"{cfg.name}-epoch{step // steps_per_epoch}.safetensors",
-                                half=True, extra={"config": cfg.to_dict(), "data_hash": pool.data_hash, "step": step})
-            if step % steps_per_epoch == 0 and cfg.probe_every and (step // steps_per_epoch) % cfg.probe_every == 0 and step < total_steps:
-                probe(f"epoch {step // steps_per_epoch}")
-    finally:
-        bar.close()
-        save_state()
-    probe("end")
-    save_state()
-    final = out_dir / f"{cfg.name}.safetensors"
-    if is_main:
-        model = EmbeddingModel(backbone.float().cpu().to(memory_format=torch.contiguous_format), cfg.name, base.arch, base.preprocess)
-        save_checkpoint(model, final, half=True, extra={
-            "base_model": cfg.base_model, "config": cfg.to_dict(), "data_hash": pool.data_hash,
-            "train_images": int(len(train_ix)), "git_commit": _git_commit(), "train_seconds": round(train_seconds, 1),
-            "hardware": _hardware(device, world), "quick_probe": history, "torch": torch.__version__,
-        })
-        log({"event": "done", "checkpoint": str(final), "train_seconds": round(train_seconds, 1)})
-    if world > 1:
-        import torch.distributed as dist
+    def probe(self, tag: str) -> None:
+        """The quick linear-probe AUC on the holdout, logged and kept in the history."""
+        if not self.is_main or len(self.hold) == 0:
+            return
+        emb = embed_uint8(self.backbone, self.pool.images[self.hold], self.device)
+        auc = quick_probe_auc(emb, [self.pool.keys[n] for n in self.hold])
+        self.history.append({"step": self.step, "when": tag, "holdout_auc": auc})
+        self.log({"event": "quick_probe", "step": self.step, "when": tag, "holdout_auc": auc,
+                  "holdout_images": int(len(self.hold))})
 
-        dist.barrier()
-        dist.destroy_process_group()
-    return final
+    # --- the loop -------------------------------------------------------------------------------
+
+    def train_step(self, images_dev: torch.Tensor, gen: torch.Generator) -> tuple[float, float, int]:
+        """One optimiser step on a class-balanced batch of two augmented views: (loss, lr, images)."""
+        cfg, device = self.cfg, self.device
+        epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+        idx = self.train_ix[self.batches.epoch(epoch)[in_epoch]]
+        gen.manual_seed(cfg.seed * 1_000_003 + self.step * 31 + self.rank)
+        lr = lr_at(self.step, self.total_steps, cfg.lr, cfg.warmup_steps)
+        for g in self.opt.param_groups:
+            g["lr"] = lr * g["lr_mult"]
+        imgs = images_dev[torch.from_numpy(idx).to(device)]
+        views = torch.cat([augment(imgs, cfg.augment, gen), augment(imgs, cfg.augment, gen)])
+        if device.type == "cuda":
+            views = views.contiguous(memory_format=torch.channels_last)
+        labels = torch.from_numpy(self.labels_all[idx]).to(device).repeat(2)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
+            z = self.train_model(views)
+        loss = self.loss_fn(z.float(), labels)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.step += 1
+        return loss.item(), lr, len(idx)
+
+    def after_step(self) -> None:
+        """Checkpoints, snapshots and quick probes due after this step."""
+        cfg, step = self.cfg, self.step
+        if step % cfg.checkpoint_every == 0:
+            self.save_state()
+        if step % self.steps_per_epoch:
+            return
+        epoch = step // self.steps_per_epoch
+        if epoch in cfg.snapshot_epochs and self.is_main:
+            snap = EmbeddingModel(copy.deepcopy(self.backbone).float().cpu(), cfg.name, self.base.arch, self.base.preprocess)
+            save_checkpoint(snap, self.out_dir / "snapshots" / f"{cfg.name}-epoch{epoch}.safetensors", half=True,
+                            extra={"config": cfg.to_dict(), "data_hash": self.pool.data_hash, "step": step})
+        if cfg.probe_every and epoch % cfg.probe_every == 0 and step < self.total_steps:
+            self.probe(f"epoch {epoch}")
+
+    def loop(self) -> None:
+        images_dev = torch.from_numpy(self.pool.images).to(self.device)  # uint8; 19k x 224^2 is 1 GB
+        gen = torch.Generator(device=self.device)
+        self.backbone.train()
+        for m in self.frozen:
+            m.eval()
+        t_log, n_log = time.perf_counter(), 0
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="pretraining",
+                   disable=not (self.progress and self.is_main), file=sys.stderr, mininterval=5.0)
+        try:
+            while self.step < self.total_steps:
+                t0 = time.perf_counter()
+                loss, lr, n = self.train_step(images_dev, gen)
+                n_log += n
+                if self.device.type == "cuda" and self.step % self.cfg.log_every == 0:
+                    torch.cuda.synchronize()
+                self.train_seconds += time.perf_counter() - t0
+                bar.update(1)
+                if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+                    self.log({"event": "train", "step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch,
+                              "loss": round(loss, 4), "lr": lr,
+                              "images_per_s": round(n_log * self.world / (time.perf_counter() - t_log), 1)})
+                    t_log, n_log = time.perf_counter(), 0
+                self.after_step()
+        finally:
+            bar.close()
+            self.save_state()
+
+    def finish(self) -> Path:
+        """The final probe and the fp16 safetensors checkpoint with its provenance."""
+        self.probe("end")
+        self.save_state()
+        final = self.out_dir / f"{self.cfg.name}.safetensors"
+        if self.is_main:
+            backbone = self.backbone.float().cpu().to(memory_format=torch.contiguous_format)
+            model = EmbeddingModel(backbone, self.cfg.name, self.base.arch, self.base.preprocess)
+            save_checkpoint(model, final, half=True, extra={
+                "base_model": self.cfg.base_model, "config": self.cfg.to_dict(), "data_hash": self.pool.data_hash,
+                "train_images": int(len(self.train_ix)), "git_commit": _git_commit(),
+                "train_seconds": round(self.train_seconds, 1), "hardware": _hardware(self.device, self.world),
+                "quick_probe": self.history, "torch": torch.__version__,
+            })
+            self.log({"event": "done", "checkpoint": str(final), "train_seconds": round(self.train_seconds, 1)})
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+            dist.destroy_process_group()
+        return final
+
+
+def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
+    """Train; resumes from `out_dir/last.pt` when present. Returns the final safetensors checkpoint."""
+    trainer = Trainer(cfg, progress)
+    trainer.resume()
+    trainer.log({"event": "start", "images": len(trainer.train_ix), "holdout": int(len(trainer.hold)),
+                 "classes": len(np.unique(trainer.labels_all[trainer.train_ix])), "batch_size": trainer.batches.batch_size,
+                 "steps": trainer.total_steps, "device": str(trainer.device), "world": trainer.world,
+                 "data_hash": trainer.pool.data_hash})
+    if trainer.step == 0:
+        trainer.probe("start")
+    trainer.loop()
+    return trainer.finish()

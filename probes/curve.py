@@ -14,62 +14,11 @@ import numpy as np
 from tqdm import tqdm
 
 from cxr_embed.errors import LabelError
+from cxr_embed.labels import MIN_PER_CLASS, LabelTable, read_labels
 from cxr_embed.store import Store
 
 from .metrics import auc_ci, delong_test
 from .probe import train_probe
-
-MIN_PER_CLASS = 5  # every drawn training set holds at least this many of each class
-
-
-@dataclass
-class LabelTable:
-    """Rows of a task CSV: image id, label, split, patient."""
-
-    images: list[str]
-    labels: np.ndarray
-    splits: list[str]
-    patients: list[str]
-    task: str
-
-    @classmethod
-    def read(cls, path: str | os.PathLike, label_column: str = "label", require_split: bool = True) -> "LabelTable":
-        path = Path(path)
-        if not path.is_file():
-            raise LabelError(f"label file {path} not found")
-        images, labels, splits, patients = [], [], [], []
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            cols = reader.fieldnames or []
-            need = ["image", label_column] + (["split"] if require_split else [])
-            missing = [c for c in need if c not in cols]
-            if missing:
-                raise LabelError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(cols) or 'no header'}")
-            has_patient = "patient_id" in cols
-            seen = set()
-            for line, row in enumerate(reader, start=2):
-                image, label = (row["image"] or "").strip(), (row[label_column] or "").strip()
-                if not image or not label:
-                    raise LabelError(f"{path} line {line}: empty image or {label_column!r} value")
-                if image in seen:
-                    raise LabelError(f"{path} line {line}: image {image!r} is listed twice")
-                seen.add(image)
-                split = (row.get("split") or "").strip().lower()
-                if require_split and split not in ("train", "test"):
-                    raise LabelError(f"{path} line {line}: split must be 'train' or 'test', not {split!r}")
-                images.append(image)
-                labels.append(label)
-                splits.append(split)
-                patients.append((row.get("patient_id") or "").strip() if has_patient else "")
-        if not images:
-            raise LabelError(f"{path}: no rows")
-        lab = np.asarray(labels)
-        try:  # keep numeric labels numeric so that "1" is the positive class of a 0/1 task
-            lab = lab.astype(np.int64)
-        except ValueError:
-            pass
-        return cls(images, lab, splits, patients, path.stem)
-
 
 def parse_sizes(text: str) -> list[int | str]:
     out: list[int | str] = []
@@ -128,11 +77,16 @@ def run_curve(
     seed: int = 0,
     progress: bool = True,
     log=print,
+    positive: str | None = None,
 ) -> CurveResult:
     """Train probes on repeated stratified draws of each size and score them on one fixed test set."""
     start = time.perf_counter()
-    table = LabelTable.read(labels)
-    ext = LabelTable.read(test_labels, require_split=False) if test_labels else None
+    table = read_labels(labels, require_split=True, positive=positive)
+    ext = read_labels(test_labels, positive=positive) if test_labels else None
+    for t in (table, ext):
+        if t is not None and not t.binary:
+            raise LabelError(f"{t.path}: the curve is for binary tasks, and its labels have {len(t.classes)} classes "
+                             f"({', '.join(map(str, t.classes[:6]))}); name one with --positive to draw it against the rest")
     opened = [Store(s) for s in stores]
     names = _model_names(opened)
 
@@ -163,7 +117,7 @@ def run_curve(
     classes = np.unique(np.concatenate([tr_y, te_y]))
     if len(np.unique(te_y)) < 2:
         raise LabelError("the test set holds a single class: AUC is undefined")
-    positive = classes[-1]
+    positive = 1  # y is 0/1 with 1 the positive class (cxr_embed.labels)
     multiclass = len(classes) > 2
 
     train_X = [st.get(tr_images) for st in opened]

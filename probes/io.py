@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr_embed.errors import CxrEmbedError, ModelMismatch
-from cxr_embed.store import check_identity
+from cxr_embed.identity import ModelIdentity
 
 from .probe import Probe
 
@@ -88,5 +88,21 @@ def load_probe(path: str | os.PathLike, expected_identity: dict | None = None) -
     if expected_identity is not None:
         if probe.identity is None:
             raise ModelMismatch(f"probe {path} does not record which embedding model it was trained on")
-        check_identity(expected_identity, probe.identity, f"probe {path.name}")
+        ModelIdentity.coerce(expected_identity).check(probe.identity, f"probe {path.name}")
     return probe
+
+
+def load_probes(path: str | os.PathLike, expected_identity=None) -> dict[str, Probe]:
+    """Every probe of a folder (*.json), or the one probe file `path`, by name."""
+    path = Path(path)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(path.glob("*.json"))
+    else:
+        raise ProbeFileError(f"--probes {path}: no such probe file or folder")
+    out: dict[str, Probe] = {}
+    for f in files:
+        probe = load_probe(f, expected_identity=expected_identity)
+        out[getattr(probe, "name", f.stem)] = probe
+    return out

@@ -19,12 +19,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
 from cxr_embed.errors import LabelError, ModelMismatch
-from cxr_embed.store import check_identity
+from cxr_embed.identity import ModelIdentity
+from cxr_embed.labels import MIN_PER_CLASS
 
 from .metrics import choose_threshold
 
 KINDS = ("linear", "gbm")
-MIN_PER_CLASS = 3  # below this no stratified cross-validation is possible
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -255,7 +255,7 @@ class Probe(ClassifierMixin, BaseEstimator):
         """Refuse embeddings from a model other than the one this probe was trained on."""
         if self.identity is None:
             return
-        check_identity(self.identity, identity, "these embeddings")
+        ModelIdentity.coerce(self.identity).check(identity, "these embeddings")
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

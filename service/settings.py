@@ -1,66 +1,81 @@
-"""Service settings: defaults, overridden by CXR_EMBED_* environment variables, then by CLI flags."""
+"""Service settings: defaults, overridden by CXR_EMBED_* environment variables, then by CLI flags.
+
+The runtime's own settings (model, device, threads, chest-check policy, input limits) live in
+`cxr_embed.runtime.RuntimeSettings`, shared with `cxr-embed embed` and the DICOM listener; this adds
+only what is about HTTP and batching across requests. Every field of both is read from the
+environment as CXR_EMBED_<FIELD>.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 
-from cxr_embed.embedder import CPU_CHUNK
+from cxr_embed.errors import ConfigError
+from cxr_embed.runtime import RuntimeSettings
 
 ENV_PREFIX = "CXR_EMBED_"
-IMAGE_CHECK_POLICIES = ("auto", "always", "never")
+# the service's defaults where they differ from the Python API's
+SERVICE_RUNTIME_DEFAULTS = {"image_check": "auto", "cpu_workers": 0}
+
+
+def _service_runtime() -> RuntimeSettings:
+    return RuntimeSettings(**SERVICE_RUNTIME_DEFAULTS)
 
 
 @dataclass
 class ServiceSettings:
-    model: str | None = None  # registered name or .safetensors path; None: the shipped default
-    probes: str | None = None  # folder of saved probes (*.json)
+    runtime: RuntimeSettings = field(default_factory=_service_runtime)
+    probes: str | None = None  # folder of saved probes (*.json), or one probe file
     store: str | None = None  # HDF5 store for /search
-    device: str = "auto"
     token: str | None = None  # bearer token; when set every route but /health needs it
     max_body_bytes: int = 32 * 1024 * 1024
     max_files: int = 16
     max_batch: int = 16  # images per forward pass
-    model_threads: int = 0  # torch threads running the model; 0: torch's default (one per core)
-    cpu_chunk: int = CPU_CHUNK  # on the CPU, images per model call within a batch (as the Embedder)
-    # on the CPU, threads that share a batch's model calls, each running torch on one thread;
-    # 0: auto (one per model thread on up to 4 cores, else 1); 1: one team of threads for everything
-    cpu_workers: int = 0
     batch_wait_ms: float = 5.0  # how long the batcher waits for more images after the first
     max_queue: int = 64  # images waiting for the model; beyond this requests get 429
-    decode_threads: int = 2
     retry_after_s: int = 1
-    # "is this a frontal CXR?": auto = by DICOM tags when they say so (CR/DX, chest, AP/PA), else by the
-    # image too; always = by the image too, every time; never = by DICOM tags only (no check network)
-    image_check: str = "auto"
+    # stored metadata fields that /search may return beside ids and distances (comma-separated in
+    # CXR_EMBED_SEARCH_METADATA); default none: a store's metadata may hold patient ids
+    search_metadata: tuple = ()
 
     def __post_init__(self):
-        aliases = {"1": "always", "0": "never", "true": "always", "false": "never"}
-        value = aliases.get(str(self.image_check).strip().lower(), str(self.image_check).strip().lower())
-        if value not in IMAGE_CHECK_POLICIES:
-            raise ValueError(f"{ENV_PREFIX}IMAGE_CHECK={self.image_check!r}: expected one of {', '.join(IMAGE_CHECK_POLICIES)}")
-        self.image_check = value
+        if isinstance(self.search_metadata, str):
+            self.search_metadata = tuple(f.strip() for f in self.search_metadata.split(",") if f.strip())
+        self.search_metadata = tuple(self.search_metadata)
+        for name in ("max_body_bytes", "max_files", "max_batch", "max_queue"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be at least 1, not {getattr(self, name)!r}")
+
+    @classmethod
+    def build(cls, **values) -> "ServiceSettings":
+        """Settings from keyword values of either dataclass (`model=`, `probes=`, `image_check=` ...)."""
+        own = {f.name for f in fields(cls)} - {"runtime"}
+        rt = {f.name for f in fields(RuntimeSettings)}
+        unknown = set(values) - own - rt
+        if unknown:
+            raise ConfigError(f"unknown service setting(s): {', '.join(sorted(unknown))}")
+        runtime = replace(_service_runtime(), **{k: v for k, v in values.items() if k in rt})
+        return cls(runtime=runtime, **{k: v for k, v in values.items() if k in own})
 
     @classmethod
     def from_env(cls, environ: dict | None = None, **overrides) -> "ServiceSettings":
+        """Defaults, then CXR_EMBED_* variables of `environ` (default: os.environ), then `overrides`
+        that are not None."""
         env = os.environ if environ is None else environ
         values = {}
-        for f in fields(cls):
+        for f in [*fields(RuntimeSettings), *(f for f in fields(cls) if f.name != "runtime")]:
             raw = env.get(ENV_PREFIX + f.name.upper())
-            if raw is None or raw == "":
-                continue
-            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-            try:
-                if kind.startswith("int"):
-                    values[f.name] = int(raw)
-                elif kind.startswith("float"):
-                    values[f.name] = float(raw)
-                else:
-                    values[f.name] = raw
-            except ValueError:
-                raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {kind}") from None
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        return cls.build(**values)
+
+    def __getattr__(self, name: str):
+        # settings.model, settings.image_check ...: the runtime's fields read through
+        if name != "runtime" and "runtime" in self.__dict__ and hasattr(self.runtime, name):
+            return getattr(self.runtime, name)
+        raise AttributeError(name)
 
     def public_limits(self) -> dict:
         return {
@@ -69,4 +84,17 @@ class ServiceSettings:
             "max_batch": self.max_batch,
             "batch_wait_ms": self.batch_wait_ms,
             "max_queue": self.max_queue,
+            "min_side": self.runtime.min_side,
         }
+
+
+def _parse(f, raw: str):
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("float"):
+            return float(raw)
+        return raw
+    except ValueError:
+        raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {kind}") from None

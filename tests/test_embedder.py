@@ -62,4 +62,4 @@ def test_decoding_threads_run_torch_on_one_thread(embedder, samples):
         counts = list(pool.map(lambda _: torch.get_num_threads(), range(4)))
     assert counts == [1, 1, 1, 1]
     embedder.embed([sorted(samples.glob("*.jpg"))[0]])
-    assert torch.get_num_threads() == before == embedder.threads
+    assert torch.get_num_threads() == before == embedder.runtime.threads

@@ -12,13 +12,14 @@ from cxr_embed import ModelMismatch, Store
 from cxr_embed.cli import main
 from cxr_embed.errors import LabelError
 from probes import Probe, auc_ci, delong_test, load_probe, save_probe, sensitivity_specificity, train_probe
-from probes.curve import LabelTable, draw_training_set
+from cxr_embed.labels import read_labels
+from probes.curve import draw_training_set
 
 
 @pytest.fixture(scope="module")
 def tb(tb_store, shared):
     store = Store(tb_store)
-    table = LabelTable.read(shared / "tasks" / "tb_shenzhen_mc.csv")
+    table = read_labels(shared / "tasks" / "tb_shenzhen_mc.csv", require_split=True)
     X = store.get(table.images)
     tr = np.array([s == "train" for s in table.splits])
     return store, X[tr], table.labels[tr], X[~tr], table.labels[~tr]

@@ -18,7 +18,7 @@ from PIL import Image
 
 from cxr_embed import Store
 from probes import save_probe, train_probe
-from probes.curve import LabelTable
+from cxr_embed.labels import read_labels
 
 
 def _free_port() -> int:
@@ -67,7 +67,7 @@ class Server:
 @pytest.fixture(scope="module")
 def probe_dir(tb_store, shared, tmp_path_factory):
     store = Store(tb_store)
-    table = LabelTable.read(shared / "tasks" / "tb_shenzhen_mc.csv")
+    table = read_labels(shared / "tasks" / "tb_shenzhen_mc.csv", require_split=True)
     tr = [i for i, s in enumerate(table.splits) if s == "train"]
     X = store.get([table.images[i] for i in tr])
     d = tmp_path_factory.mktemp("probes")
@@ -81,7 +81,8 @@ def server(probe_dir, tb_store, tmp_path_factory):
     srv = Server(tmp_path_factory.mktemp("srv"),
                  ["--model", "imagenet-effnet-lite0", "--probes", str(probe_dir), "--store", str(tb_store)],
                  env={"CXR_EMBED_MAX_BODY_BYTES": str(8 * 1024 * 1024), "CXR_EMBED_MAX_FILES": "4",
-                      "CXR_EMBED_MAX_QUEUE": "6", "CXR_EMBED_MAX_BATCH": "4"})
+                      "CXR_EMBED_MAX_QUEUE": "6", "CXR_EMBED_MAX_BATCH": "4",
+                      "CXR_EMBED_SEARCH_METADATA": "label"})
     yield srv
     srv.stop()
 
@@ -229,7 +230,8 @@ def test_predict_and_search(server, dcm_dir, samples):
     s = post(server, "/search?k=3", jpg, "image/jpeg").json()["results"][0]
     assert len(s["neighbours"]) == 3
     n = s["neighbours"][0]
-    assert n["image_id"].startswith("images/") and -1 <= n["similarity"] <= 1 and "label" in n["metadata"]
+    # only the metadata the owner exposed (the store also holds patient_id, split, findings ...)
+    assert n["image_id"].startswith("images/") and -1 <= n["similarity"] <= 1 and set(n["metadata"]) == {"label"}
 
 
 def test_concurrent_burst_only_200_or_429(server, samples):
@@ -299,7 +301,8 @@ def test_settings_from_environment():
     assert s.max_files == 3 and s.batch_wait_ms == 2.5 and s.token == "t"
     with pytest.raises(ValueError, match="CXR_EMBED_MAX_QUEUE"):
         ServiceSettings.from_env({"CXR_EMBED_MAX_QUEUE": "lots"})
-    assert s.image_check == "auto"
+    assert s.image_check == "auto" and s.search_metadata == ()  # /search: ids and distances only by default
+    assert ServiceSettings.from_env({"CXR_EMBED_SEARCH_METADATA": "label, view"}).search_metadata == ("label", "view")
     assert ServiceSettings.from_env({"CXR_EMBED_IMAGE_CHECK": "0"}).image_check == "never"  # the old on/off values
     assert ServiceSettings.from_env({"CXR_EMBED_IMAGE_CHECK": "Always"}).image_check == "always"
     with pytest.raises(ValueError, match="auto, always, never"):
@@ -336,7 +339,7 @@ def test_image_check_policies_on_a_dicom_whose_tags_lie(dcm_dir, policy, flagged
     from service.engine import Engine
     from service.settings import ServiceSettings
 
-    engine = Engine(ServiceSettings(image_check=policy))
+    engine = Engine(ServiceSettings.build(image_check=policy))
     engine.load()
     try:
         lying, real = _photo_tagged_as_chest(dcm_dir), (dcm_dir / "RG1_UNCR.dcm").read_bytes()
@@ -349,61 +352,23 @@ def test_image_check_policies_on_a_dicom_whose_tags_lie(dcm_dir, policy, flagged
     if flagged:
         assert "does not look like a chest radiograph" in cat.chest.reasons[0]
     assert chest.chest.is_frontal_cxr and chest.chest.checked_by == checked_by
-    assert (engine.check_model is None) is (policy == "never")
-
-
-@pytest.mark.parametrize("cpu_workers", [1, 2])
-def test_engine_batches_match_single_images(samples, dcm_dir, cpu_workers):
-    """A batch, whether run on one team of threads in CPU chunks or shared among single-threaded
-    workers, with the chest check on some images only, gives each image what it gets alone."""
-    import threading
-
-    import torch
-
-    from service.engine import Engine
-    from service.settings import ServiceSettings
-
-    engine = Engine(ServiceSettings(image_check="always", cpu_chunk=4, cpu_workers=cpu_workers))
-    engine.load()
-    assert engine._workers == cpu_workers and (engine._helpers is None) == (cpu_workers == 1)
-    try:
-        files = sorted(samples.glob("*.jpg")) + [dcm_dir / "RG1_UNCR.dcm"]
-        x = torch.stack([engine._prepare(p.read_bytes())[0] for p in files])
-        wants = [i % 3 != 1 for i in range(len(files))]
-        helper_threads = set()
-        if cpu_workers > 1:  # the helper really takes part
-            original = engine.model.forward
-
-            def spy(*args, **kw):
-                helper_threads.add(threading.current_thread().name)
-                return original(*args, **kw)
-
-            engine.model.forward = spy
-        embs, checks = engine._forward(x, wants)
-        assert len(helper_threads) == (2 if cpu_workers > 1 else 0)
-        for i in range(len(files)):
-            e1, c1 = engine._forward(x[i : i + 1], [True])
-            np.testing.assert_allclose(embs[i], e1[0], atol=1e-4)
-            if wants[i]:
-                np.testing.assert_allclose(checks[i], c1[0], atol=1e-4)
-            else:
-                assert checks[i] is None
-    finally:
-        engine.close()
+    assert (engine.runtime.check_model is None) is (policy == "never")
 
 
 def test_a_failing_helper_fails_its_batch_not_the_batcher(samples):
     """A model error in a helper thread reaches the batch's requests; the next batch runs."""
+    import asyncio
     import threading
+    import time
 
     from service.engine import Engine
     from service.settings import ServiceSettings
 
-    engine = Engine(ServiceSettings(image_check="always", cpu_workers=2))
+    engine = Engine(ServiceSettings.build(image_check="always", cpu_workers=2))
     engine.load()
     try:
         jpgs = [("a.jpg", p.read_bytes()) for p in sorted(samples.glob("*.jpg"))[:4]]
-        original = engine.check_model.forward
+        original = engine.runtime.check_model.forward
 
         def broken(x):
             if threading.current_thread().name.startswith("cxr-model"):  # the helper, not the batcher
@@ -411,14 +376,14 @@ def test_a_failing_helper_fails_its_batch_not_the_batcher(samples):
             time.sleep(0.3)  # the batcher dawdles: the helper surely takes a check call meanwhile
             return original(x)
 
-        engine.check_model.forward = broken
+        engine.runtime.check_model.forward = broken
         with pytest.raises(RuntimeError, match="simulated failure"):
             asyncio.run(engine.process(jpgs))
-        engine.check_model.forward = original
+        engine.runtime.check_model.forward = original
         results = asyncio.run(engine.process(jpgs))
         assert all(r.error is None and r.embedding is not None and r.chest.checked_by == ["image"] for r in results)
     finally:
-        engine.close()
+        rt.close()
 
 
 def test_malloc_tuning_applies_once_and_can_be_turned_off():
@@ -431,3 +396,19 @@ def test_malloc_tuning_applies_once_and_can_be_turned_off():
         if out[2] != "glibc":
             pytest.skip("malloc tuning is for glibc only")
         assert out[:2] == [expected, expected]
+
+
+def test_embed_route_equals_the_embed_command(server, dcm_dir, tmp_path):
+    """One runtime: the service's embedding of a DICOM is the one `cxr-embed embed` stores."""
+    from cxr_embed.cli import main
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "chest.dcm").write_bytes((dcm_dir / "RG1_UNCR.dcm").read_bytes())
+    assert main(["embed", "--images", str(folder), "--out", str(tmp_path / "s.h5"), "--model", "imagenet-effnet-lite0",
+                 "--no-progress"]) == 0
+    stored = Store(tmp_path / "s.h5").get(["chest.dcm"])[0]
+    reply = post(server, "/embed?encoding=base64", (dcm_dir / "RG1_UNCR.dcm").read_bytes()).json()
+    served = np.frombuffer(base64.b64decode(reply["results"][0]["embedding_base64"]), "<f4")
+    assert served.shape == stored.shape and np.abs(served - stored).max() <= 1e-5
+    assert reply["model"] == dict(Store(tmp_path / "s.h5").identity)

@@ -1,0 +1,308 @@
+"""The one embedding runtime: decode -> preprocess -> chest check -> batched forward, on CPU or GPU.
+
+The Python `Embedder`, `cxr-embed embed` and the service's dynamic batcher are thin callers of a
+`Runtime`; a fix made here (a pixel cap, a NaN check, a thread policy) holds for all of them.
+
+Thread policy (why: `threads.py`, BENCHMARKS.md):
+- decoding runs in a small pool whose threads run torch on one thread each;
+- the model runs in the thread that built the runtime, on a team of `model_threads` threads, in
+  calls of `cpu_chunk` images on the CPU (past a few images per call the activations outgrow the
+  caches);
+- with `cpu_workers` > 1 on the CPU, a batch's model calls (main network and chest check) are
+  shared by that many threads that each run torch on one thread (`_forward_shared`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from .chest import CHECK_MODEL, ChestCheck, ReferenceSet, check_chest, check_embeddings, needs_image_check
+from .errors import ConfigError, InputError
+from .identity import ModelIdentity
+from .image import ImageInfo
+from .ingest import MIN_SIDE, ImageSource, load_image
+from .models import EmbeddingModel, create_model, inference_model
+from .preprocess import preprocess
+from .threads import decode_pool, model_threads
+
+CPU_CHUNK = 4  # images per model call on the CPU (per image, 4 was fastest on 2 cores; 16 was 1.6x slower)
+# cpu_workers=0 (auto): one single-threaded worker per model thread up to this many cores; beyond it
+# one team of threads (Python's GIL, which every op's dispatch needs, would be shared by too many)
+AUTO_CPU_WORKERS_MAX = 4
+IMAGE_CHECK_POLICIES = ("auto", "always", "never")
+
+
+@dataclass
+class RuntimeSettings:
+    """How a runtime runs: model, device, threads, chest-check policy and input limits.
+
+    The service, `cxr-embed embed` and a DICOM listener share these (the service adds only what is
+    about HTTP and batching across requests)."""
+
+    model: str | None = None  # registered name or .safetensors path; None: the shipped default
+    device: str = "auto"  # auto: cuda when available
+    # "is this a frontal CXR?": auto = by DICOM tags when they say so (CR/DX, chest, AP/PA), else by the
+    # image too; always = by the image too, every time; never = by DICOM tags only (no check network)
+    image_check: str = "never"
+    model_threads: int = 0  # torch threads running the model; 0: torch's default (one per core)
+    cpu_chunk: int = CPU_CHUNK  # on the CPU, images per model call
+    # on the CPU, threads that share a batch's model calls, each running torch on one thread;
+    # 0: auto (one per model thread on up to 4 cores, else 1); 1: one team of threads for everything
+    cpu_workers: int = 1
+    decode_threads: int = 2
+    min_side: int = MIN_SIDE  # images with a shorter side are refused
+
+    def __post_init__(self):
+        aliases = {"1": "always", "0": "never", "true": "always", "false": "never"}
+        value = str(self.image_check).strip().lower()
+        value = aliases.get(value, value)
+        if value not in IMAGE_CHECK_POLICIES:
+            raise ConfigError(f"image check policy {self.image_check!r}: expected one of {', '.join(IMAGE_CHECK_POLICIES)}")
+        self.image_check = value
+        for name in ("model_threads", "cpu_workers", "cpu_chunk", "decode_threads", "min_side"):
+            if int(getattr(self, name)) < (1 if name in ("cpu_chunk", "decode_threads") else 0):
+                raise ConfigError(f"{name} must be a {'positive' if name in ('cpu_chunk', 'decode_threads') else 'non-negative'} "
+                                  f"integer, not {getattr(self, name)!r}")
+
+
+@dataclass
+class EmbeddingResult:
+    """One input's outcome: an embedding and findings (and a chest check when the runtime runs
+    one), or the error that stopped it."""
+
+    key: object
+    embedding: np.ndarray | None
+    info: ImageInfo | None
+    error: InputError | None = None
+    chest: ChestCheck | None = None
+
+
+@dataclass
+class Prepared:
+    """A decoded, preprocessed input: the model's input tensor and what ingestion found."""
+
+    tensor: torch.Tensor | None
+    info: ImageInfo | None
+    error: InputError | None = None
+    wants_check: bool = False
+
+
+def in_chunks(fn: Callable[[torch.Tensor], np.ndarray], x: torch.Tensor, step: int) -> np.ndarray:
+    """`fn` over `x` in slices of `step` images, concatenated."""
+    step = max(1, int(step))
+    return np.concatenate([fn(x[i : i + step]) for i in range(0, len(x), step)])
+
+
+def model_numpy(model: torch.nn.Module) -> Callable[[torch.Tensor], np.ndarray]:
+    """The model as a function to float32 numpy."""
+    return lambda x: model(x).float().cpu().numpy()
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"device {device!r}: {exc}") from None
+
+
+class Runtime:
+    """Models, chest-check reference and thread pools for one embedding model.
+
+    Build it in the thread that will run the model (see the module docstring); `prepare` may be
+    called from any thread, `forward` and `iter_embed` from the building thread."""
+
+    def __init__(self, settings: RuntimeSettings | None = None, model: EmbeddingModel | None = None):
+        self.settings = settings = settings or RuntimeSettings()
+        self.device = pick_device(settings.device)
+        self.threads = settings.model_threads or torch.get_num_threads()
+        model_threads(self.threads)
+        base = model if model is not None else create_model(settings.model, device="cpu")
+        # an inference copy (BatchNorm folded, channels_last on the CPU): the caller's model is left as it was
+        self.model = inference_model(base, self.device)
+        self.check_model, self.reference = self._load_check()
+        self.workers = 1
+        if self.device.type == "cpu":
+            auto = self.threads if self.threads <= AUTO_CPU_WORKERS_MAX else 1
+            self.workers = max(1, settings.cpu_workers or auto)
+        self._helpers = decode_pool(self.workers - 1, prefix="cxr-model") if self.workers > 1 else None
+        self._decode = None
+        self._decode_lock = threading.Lock()
+
+    def _load_check(self) -> tuple[EmbeddingModel | None, ReferenceSet | None]:
+        if self.settings.image_check == "never":
+            return None, None
+        check = self.model if self.model.name == CHECK_MODEL else \
+            inference_model(create_model(CHECK_MODEL, device="cpu"), self.device)
+        reference = ReferenceSet.for_model(check)
+        if reference is None:  # a silently disabled check would call a photograph a CXR
+            raise ConfigError(f"the chest-check reference set of {CHECK_MODEL} is missing or does not match its weights "
+                              f"({ReferenceSet.path_for(CHECK_MODEL)}); reinstall cxr-embed, or run with image check 'never'")
+        return check, reference
+
+    @property
+    def identity(self) -> ModelIdentity:
+        return self.model.identity
+
+    @property
+    def dim(self) -> int:
+        return self.model.dim
+
+    @property
+    def decode_pool(self):
+        """Decoding threads (torch on one thread each), started on first use and kept."""
+        with self._decode_lock:
+            if self._decode is None:
+                self._decode = decode_pool(self.settings.decode_threads)
+            return self._decode
+
+    def close(self) -> None:
+        """Stop the runtime's threads (they also stop with the process)."""
+        for pool in (self._decode, self._helpers):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        self._decode = self._helpers = None
+
+    # --- one input ---------------------------------------------------------------------------------
+
+    def prepare(self, source: ImageSource) -> Prepared:
+        """Decode and preprocess one input; a bad input gives a Prepared with its error, never raises."""
+        try:
+            decoded = load_image(source, min_side=self.settings.min_side)
+            tensor = preprocess(decoded, self.model.preprocess)
+        except InputError as exc:
+            return Prepared(None, None, exc)
+        wants = self.reference is not None and needs_image_check(decoded.info, self.settings.image_check)
+        return Prepared(tensor, decoded.info, None, wants)
+
+    def chest_check(self, info: ImageInfo, check_embedding: np.ndarray | None) -> ChestCheck:
+        """The verdict on one image: its DICOM tags, plus its check embedding when one was taken."""
+        return check_chest(info, check_embedding, self.reference)
+
+    # --- the forward pass --------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, wants_check: list[bool] | None = None) -> tuple[np.ndarray, list]:
+        """Embeddings of preprocessed inputs (N, 3, S, S), and the chest-check embeddings of those
+        that want one (else None). Runs in the calling thread (and the helpers, see `_forward_shared`)."""
+        wants_check = wants_check or [False] * len(x)
+        cpu = self.device.type == "cpu"
+        x = x.to(self.device, non_blocking=True)
+        if cpu:
+            x = x.contiguous(memory_format=torch.channels_last)
+        step = self.settings.cpu_chunk if cpu else len(x)
+        work = [(model_numpy(self.model), x, step)]  # (network as a function, its input, images per call)
+        idx = [i for i, w in enumerate(wants_check) if w] if self.reference is not None else []
+        if idx:
+            sub = x if len(idx) == len(x) else x[idx]
+            if cpu:
+                sub = sub.contiguous(memory_format=torch.channels_last)  # no copy where it already is
+            work.append((partial(check_embeddings, self.check_model, size=self.reference.size), sub,
+                         self._check_chunk(step, x.shape[-1])))
+        if cpu and self.workers > 1 and len(x) + len(idx) > 1:
+            outs = self._forward_shared(work)
+        else:
+            model_threads(self.threads)
+            outs = [in_chunks(fn, inputs, per_call) for fn, inputs, per_call in work]
+        check: list = [None] * len(wants_check)
+        for i, e in zip(idx, outs[1] if idx else []):
+            check[i] = e
+        return outs[0], check
+
+    def _check_chunk(self, step: int, side: int) -> int:
+        """Images per check-network call: as many pixels as `step` images of `side` px for the main
+        model (12 at 128 px against 4 at 224 px: 2.6 instead of 3.3 ms per image; BENCHMARKS.md)."""
+        return max(step, round(step * (side / self.reference.size) ** 2))
+
+    def _forward_shared(self, work: list[tuple]) -> list[np.ndarray]:
+        """`in_chunks` for each (function, input, images per call) of `work`, with the model calls
+        shared among `cpu_workers` threads, each running torch on one thread: the caller and
+        `cpu_workers - 1` helpers take the next call from a common list until none is left.
+
+        On a few cores this beats one team of threads on the same calls: a team's threads wait for
+        each other at every op, so when one of them is pre-empted both cores stall; single-threaded
+        workers just go on (BENCHMARKS.md). Each image's embedding is the same as alone (tested)."""
+        calls = []  # (which entry of work, function, input slice)
+        for k, (fn, inputs, per_call) in enumerate(work):
+            step = max(1, min(per_call, -(-len(inputs) // self.workers)))
+            calls += [(k, fn, inputs[i : i + step]) for i in range(0, len(inputs), step)]
+        results: list = [None] * len(calls)
+        todo = iter(enumerate(calls))
+        lock = threading.Lock()
+        failed = threading.Event()  # once a call fails, the others stop taking calls
+
+        def run_calls() -> None:
+            model_threads(1)  # the helpers already are; the caller switches back for lone calls
+            with torch.inference_mode():
+                while not failed.is_set():
+                    with lock:
+                        n, call = next(todo, (None, None))
+                    if call is None:
+                        return
+                    try:
+                        results[n] = call[1](call[2])
+                    except BaseException:
+                        failed.set()
+                        raise
+
+        helpers = [self._helpers.submit(run_calls) for _ in range(min(self.workers, len(calls)) - 1)]
+        try:
+            run_calls()
+        finally:
+            for f in helpers:  # always wait: the next batch must not overlap with this one
+                f.exception()
+        for f in helpers:
+            f.result()  # a helper's failure fails the batch, as the caller's own would
+        return [np.concatenate([r for (k, _, _), r in zip(calls, results) if k == entry]) for entry in range(len(work))]
+
+    # --- many inputs -------------------------------------------------------------------------------
+
+    def iter_embed(self, items: Iterable[tuple[object, ImageSource]], batch_size: int = 32) -> Iterator[EmbeddingResult]:
+        """One result per (key, source), in input order; bad inputs yield their error, not raise.
+
+        Decoding runs in the pool ahead of the model (PIL, pydicom and numpy release the GIL for
+        the heavy parts), so the CPU forward pass is rarely kept waiting."""
+        for chunk in self._prepared_batches(items, max(1, int(batch_size))):
+            ok = [p for _, p in chunk if p.error is None]
+            embs, checks = self.forward(torch.stack([p.tensor for p in ok]), [p.wants_check for p in ok]) if ok \
+                else (None, None)
+            j = 0
+            for key, p in chunk:
+                if p.error is not None:
+                    yield EmbeddingResult(key, None, None, p.error)
+                    continue
+                chest = self.chest_check(p.info, checks[j]) if self.reference is not None else None
+                yield EmbeddingResult(key, embs[j], p.info, None, chest)
+                j += 1
+
+    def _prepared_batches(self, items: Iterable[tuple[object, ImageSource]], batch_size: int):
+        pending: deque[tuple[object, Future]] = deque()
+        batch: list[tuple[object, Prepared]] = []
+        pool, it = self.decode_pool, iter(items)
+        try:
+            while True:
+                for key, source in it:
+                    pending.append((key, pool.submit(self.prepare, source)))
+                    if len(pending) >= 2 * batch_size:
+                        break
+                if not pending:
+                    break
+                key, fut = pending.popleft()
+                batch.append((key, fut.result()))
+                if len(batch) == batch_size:
+                    yield batch
+                    batch = []
+            if batch:
+                yield batch
+        finally:  # an abandoned iteration: drop decoding that has not started
+            for _, fut in pending:
+                fut.cancel()

@@ -1,0 +1,77 @@
+"""The probe commands of `cxr-embed` (`curve`, `probe`), registered through the entry-point group
+`cxr_embed.commands`: each is a thin wrapper over a documented Python function."""
+
+from __future__ import annotations
+
+import sys
+
+
+def register(sub) -> None:
+    """Add this package's subcommands to the `cxr-embed` parser."""
+    _add_curve(sub)
+    _add_probe(sub)
+
+
+def _warn(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def _add_curve(sub) -> None:
+    p = sub.add_parser("curve", help="data-efficiency curve: probe AUC vs. number of labelled images, per store")
+    p.add_argument("--store", action="append", required=True, help="an embedding store (repeat to compare models)")
+    p.add_argument("--labels", required=True, help="CSV with image, label, split (train/test) [, patient_id]")
+    p.add_argument("--positive", help="the positive class, for labels other than 0/1, true/false, yes/no")
+    p.add_argument("--test-labels", help="external test set CSV (image, label); replaces the test split")
+    p.add_argument("--sizes", default="45,85,170,340,680,full", help="training-set sizes (default %(default)s)")
+    p.add_argument("--repeats", type=int, default=20, help="draws per size (default %(default)s)")
+    p.add_argument("--probe", action="append", choices=["linear", "gbm"], help="probe kind (repeatable; default both)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws (default %(default)s)")
+    p.add_argument("--out", required=True, help="folder for curve.csv, summary.csv and curve.png")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_curve)
+
+
+def _cmd_curve(args) -> int:
+    from .curve import parse_sizes, run_curve
+
+    res = run_curve(args.store, args.labels, args.out, sizes=parse_sizes(args.sizes), repeats=args.repeats,
+                    probes=args.probe or ["linear", "gbm"], test_labels=args.test_labels, seed=args.seed,
+                    progress=not args.no_progress, positive=args.positive, log=_warn)
+    print(f"{'model':<28} {'probe':<7} {'n_train':>7} {'AUC':>6}  95% range")
+    for r in res.summary:
+        print(f"{r['model']:<28} {r['probe']:<7} {r['n_train']:>7} {r['auc_mean']:>6.3f}  {r['auc_ci_low']:.3f}-{r['auc_ci_high']:.3f}")
+    for c in res.comparisons:
+        print(f"full training split, {c['probe']}: {c['model_a']} AUC {c['auc_a']:.3f} vs {c['model_b']} "
+              f"{c['auc_b']:.3f}, paired DeLong p = {c['delong_p']:.3g}")
+    shares = ", ".join(f"{k} {v:.1f} s" for k, v in res.seconds_by_probe.items())
+    print(f"wrote {args.out}/curve.csv, summary.csv, curve.png in {res.seconds:.1f} s ({shares})")
+    return 0
+
+
+def _add_probe(sub) -> None:
+    p = sub.add_parser("probe", help="train a probe on a store's embeddings and save it (for predict and serve)")
+    p.add_argument("--store", required=True, help="the embedding store (from `cxr-embed embed`)")
+    p.add_argument("--labels", required=True, help="CSV with image, label [, split]: trains on the train split if present")
+    p.add_argument("--positive", help="the positive class, for labels other than 0/1, true/false, yes/no")
+    p.add_argument("--kind", choices=["linear", "gbm"], default="linear", help="probe kind (default %(default)s)")
+    p.add_argument("--threshold", choices=["youden", "sensitivity"], default="youden",
+                   help="how the operating threshold is chosen (default %(default)s)")
+    p.add_argument("--target-sensitivity", type=float, default=0.9,
+                   help="with --threshold sensitivity: the sensitivity to reach (default %(default)s)")
+    p.add_argument("--name", help="probe name (default: the output file's stem)")
+    p.add_argument("--out", required=True, help="probe file to write (.json)")
+    p.set_defaults(func=_cmd_probe)
+
+
+def _cmd_probe(args) -> int:
+    from cxr_embed.errors import CxrEmbedError
+
+    from .training import train_probe_from_labels
+
+    if not args.out.lower().endswith(".json"):
+        raise CxrEmbedError(f"--out {args.out}: a probe file is JSON; name it *.json (serve and predict read *.json)")
+    report = train_probe_from_labels(args.store, args.labels, kind=args.kind, positive=args.positive, out=args.out,
+                                     name=args.name, warn=_warn, threshold_method=args.threshold,
+                                     target_sensitivity=args.target_sensitivity)
+    print(report.text())
+    return 0

@@ -1,0 +1,65 @@
+"""`cxr-embed serve`, registered through the entry-point group `cxr_embed.commands`."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from cxr_embed.errors import CxrEmbedError
+
+
+def register(sub) -> None:
+    """Add this package's subcommands to the `cxr-embed` parser."""
+    p = sub.add_parser("serve", help="run the HTTP service (FastAPI under uvicorn)")
+    p.add_argument("--host", default=None, help="address to listen on (CXR_EMBED_HOST; default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (CXR_EMBED_PORT; default 8000)")
+    p.add_argument("--model", default=None, help="model name or checkpoint (CXR_EMBED_MODEL; default: shipped model)")
+    p.add_argument("--probes", default=None, help="folder of saved probes (*.json) or one probe file (CXR_EMBED_PROBES)")
+    p.add_argument("--store", default=None, help="store searched by /search (CXR_EMBED_STORE)")
+    p.add_argument("--device", default=None, help="cpu, cuda ... (CXR_EMBED_DEVICE; default auto)")
+    p.add_argument("--image-check", default=None, choices=["auto", "always", "never"],
+                   help="is-it-a-frontal-CXR check by the image: auto (default) when DICOM tags do not already say "
+                        "CR/DX chest AP/PA, always, or never (tags only) (CXR_EMBED_IMAGE_CHECK)")
+    p.add_argument("--log-level", default="info", help="uvicorn log level (default %(default)s)")
+    p.set_defaults(func=_cmd_serve)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a busy port before the model loads (a bind test, released at once)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise CxrEmbedError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; is another server running "
+                                "there? Choose another with --port") from None
+
+
+def serve(settings, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Run the service until stopped; raises CxrEmbedError when the port is busy or loading fails."""
+    import uvicorn
+
+    from cxr_embed.process import configure_process
+
+    from .app import create_app
+    from .engine import Engine
+
+    check_port_free(host, port)
+    configure_process(blas_threads=1)
+    engine = Engine(settings)
+    print(f"serving on http://{host}:{port} (docs at /docs); /ready answers 503 until the model is loaded", flush=True)
+    uvicorn.run(create_app(settings, engine, exit_on_load_error=True), host=host, port=port, log_level=log_level)
+    if engine.load_error:
+        raise CxrEmbedError(f"could not start: {engine.load_error}")
+
+
+def _cmd_serve(args) -> int:
+    from .settings import ServiceSettings
+
+    settings = ServiceSettings.from_env(model=args.model, probes=args.probes, store=args.store, device=args.device,
+                                        image_check=args.image_check)
+    host = args.host or os.environ.get("CXR_EMBED_HOST", "127.0.0.1")
+    port = args.port or int(os.environ.get("CXR_EMBED_PORT", "8000"))
+    serve(settings, host, port, args.log_level)
+    return 0

@@ -1,0 +1,61 @@
+"""Pure ASGI middleware: bearer token, request metrics, and no exception ever becomes a dropped
+connection. (Starlette's BaseHTTPMiddleware would relay every body chunk of a 7 MB DICOM through a
+stream of its own, which cost milliseconds per request.)"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+
+from starlette.requests import ClientDisconnect
+
+from .errors import HTTPProblem, problem, status_for
+
+log = logging.getLogger("cxr_embed.service")
+OPEN_ROUTES = {"/health"}  # answered without a token
+
+
+def check_bearer(headers: list[tuple[bytes, bytes]], token: str) -> None:
+    """Accept exactly one `Authorization: Bearer <token>` header (scheme in any case, RFC 7235),
+    compared in constant time; raise HTTPProblem 401 (or 400 for two headers) otherwise."""
+    values = [v for k, v in headers if k.lower() == b"authorization"]
+    if len(values) > 1:
+        raise HTTPProblem(400, "ambiguous_authorization", "send one Authorization header, not several")
+    scheme, _, given = (values[0].decode("latin-1") if values else "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise HTTPProblem(401, "unauthorized", "a valid 'Authorization: Bearer <token>' header is required",
+                          {"WWW-Authenticate": "Bearer"})
+
+
+class Guard:
+    def __init__(self, app, settings, metrics, known_routes):
+        self.app, self.settings, self.metrics, self.known_routes = app, settings, metrics, known_routes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        route = scope.get("path", "")
+        status = {"code": 500, "started": False}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"], status["started"] = message["status"], True
+            await send(message)
+
+        try:
+            if self.settings.token and route not in OPEN_ROUTES:
+                check_bearer(scope.get("headers") or [], self.settings.token)
+            await self.app(scope, receive, send_wrapper)
+        except ClientDisconnect:  # the client went away: nobody to answer, nothing went wrong here
+            status["code"] = 499
+            log.info("client disconnected during %s", route)
+        except Exception as exc:  # never let an exception become a dropped connection
+            if status_for(exc) >= 500:
+                log.exception("unhandled error on %s", route)
+            if status["started"]:
+                raise
+            await problem(exc, self.settings.retry_after_s)(scope, receive, send_wrapper)
+        name = route if route in self.known_routes else "other"
+        self.metrics.observe(name, scope.get("method", ""), status["code"], time.perf_counter() - start)
