@@ -475,3 +475,13 @@ def test_probe_without_identity_is_refused_where_one_is_expected(data, tmp_path)
     assert load_probe(path).identity is None
     with pytest.raises(ModelMismatch, match="does not record which embedding model"):
         load_probe(path, expected_identity=IDENTITY)
+
+
+def test_files_written_at_f17ef0b_still_load_with_the_same_probabilities():
+    data = ROOT / "tests" / "data"
+    expected = json.loads((data / "probes_f17ef0b_expected.json").read_text())  # from that commit's predict_proba
+    probes = load_probe_dir(data / "probes_f17ef0b", expected_identity=dict(IDENTITY, model_name="m", preprocess_version="v1", dim=8))
+    assert sorted(probes) == ["gbm", "linear"]
+    for name, probe in probes.items():
+        np.testing.assert_allclose(probe.predict_proba(np.array(expected["X"], np.float32)), expected[name],
+                                   rtol=0, atol=1e-12)
