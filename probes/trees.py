@@ -53,7 +53,9 @@ class TreeEnsemble:
 
     def raw_score(self, X: np.ndarray, rows_per_chunk: int | None = None) -> np.ndarray:
         """Sum of the trees' leaf values, (n, n_classes): LightGBM's predict(raw_score=True)."""
-        X = np.asarray(X, dtype=np.float64)
+        X = np.asarray(X)
+        if X.dtype not in (np.float32, np.float64):  # float32 stays: widening only the gathered values is exact
+            X = X.astype(np.float64)
         if X.ndim != 2 or X.shape[1] != self.n_features:
             raise ValueError(f"expected (n, {self.n_features}) features, got {X.shape}")
         chunk = rows_per_chunk or max(1, (1 << 20) // len(self.root))  # bounds the (rows, trees) arrays
