@@ -14,7 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cxr_embed.errors import LabelError
-from cxr_embed.labels import MIN_PER_CLASS, LabelTable, read_labels
+from cxr_embed.labels import MIN_PER_CLASS, read_labels
 from cxr_embed.store import Store
 
 from .metrics import auc_ci, delong_test

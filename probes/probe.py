@@ -6,6 +6,8 @@ the data and the number of rounds chosen by CV.
 Both: balanced class weights; binary probes get Platt-calibrated probabilities fitted on
 cross-validated (out-of-fold) scores and an operating threshold chosen on those same scores.
 The fitted state is plain numbers (and LightGBM's text model), so a probe saves to JSON: no pickle.
+GBM probes predict with our numpy reading of that text (trees.py), the same after fitting and after
+loading: LightGBM trains, and its native parser never reads a model text from a file.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from cxr_embed.identity import ModelIdentity
 from cxr_embed.labels import MIN_PER_CLASS
 
 from .metrics import choose_threshold
+from .trees import parse_lightgbm_model
 
 KINDS = ("linear", "gbm")
 
@@ -128,7 +131,9 @@ class Probe(ClassifierMixin, BaseEstimator):
         clf = self._logreg(self.C_).fit(Z, y)
         # Fold the standardisation into the weights: scores = X @ coef.T + intercept
         coef = clf.coef_ / scale
-        self.linear_ = {"coef": coef.astype(np.float64), "intercept": (clf.intercept_ - coef @ mean).astype(np.float64)}
+        # C order, as a loaded probe has it: BLAS may add in another order for another layout
+        self.linear_ = {"coef": np.ascontiguousarray(coef, dtype=np.float64),
+                        "intercept": (clf.intercept_ - coef @ mean).astype(np.float64)}
         return oof
 
     def _logreg(self, C: float) -> LogisticRegression:
@@ -186,7 +191,7 @@ class Probe(ClassifierMixin, BaseEstimator):
         self.n_rounds_ = int(max(10, np.mean(rounds)))
         booster = lgb.train(params, full, self.n_rounds_)
         self.gbm_model_ = booster.model_to_string()
-        self._booster = booster
+        self.trees_ = parse_lightgbm_model(self.gbm_model_, X.shape[1], n_classes)
         return oof
 
     def _fit_calibration(self, oof: np.ndarray, y: np.ndarray) -> None:
@@ -228,15 +233,8 @@ class Probe(ClassifierMixin, BaseEstimator):
         if self.kind == "linear":
             z = X.astype(np.float64) @ self.linear_["coef"].T + self.linear_["intercept"]
         else:
-            z = np.asarray(self._get_booster().predict(X, raw_score=True)).reshape(len(X), -1)
+            z = self.trees_.raw_score(X)
         return z[:, 0] if z.shape[1] == 1 else z
-
-    def _get_booster(self):
-        if getattr(self, "_booster", None) is None:
-            import lightgbm as lgb
-
-            self._booster = lgb.Booster(model_str=self.gbm_model_)
-        return self._booster
 
     def predict_proba(self, X) -> np.ndarray:
         z = self.decision_function(X)
@@ -264,5 +262,7 @@ class Probe(ClassifierMixin, BaseEstimator):
 
 
 def train_probe(embeddings, labels, kind: str = "linear", identity: dict | None = None, **params) -> Probe:
-    """Fit a calibrated probe (linear or gbm) on embeddings; `identity` ties it to its embedding model."""
+    """Fit a calibrated probe (linear or gbm) on embeddings; `identity` (a ModelIdentity or its dict)
+    ties it to its embedding model."""
+    identity = None if identity is None else ModelIdentity.coerce(identity).to_dict()  # plain JSON in probe files
     return Probe(kind=kind, identity=identity, **params).fit(embeddings, labels)

@@ -48,8 +48,7 @@ def train_probe_from_labels(store: str | os.PathLike | Store, labels: str | os.P
     rows = table.rows_in(store, "train", f"store {store.path}", warn=warn)
     table.check_trainable(rows)
     probe = train_probe(store.get([table.images[i] for i in rows]), table.y[rows], kind=kind,
-                        identity=store.identity.to_dict() if hasattr(store.identity, "to_dict") else store.identity,
-                        **params)
+                        identity=store.identity, **params)
     if table.binary:
         probe.description = f"{kind} probe on {Path(labels).name}: P({table.positive})"
     path = save_probe(probe, out, name=name, description=getattr(probe, "description", "")) if out else None

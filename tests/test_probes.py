@@ -11,7 +11,7 @@ from sklearn.model_selection import cross_val_score
 from cxr_embed import ModelMismatch, Store
 from cxr_embed.cli import main
 from cxr_embed.errors import LabelError
-from probes import Probe, auc_ci, delong_test, load_probe, save_probe, sensitivity_specificity, train_probe
+from probes import Probe, ProbeFileError, auc_ci, delong_test, load_probe, save_probe, sensitivity_specificity, train_probe
 from cxr_embed.labels import read_labels
 from probes.curve import draw_training_set
 
@@ -102,7 +102,7 @@ def test_save_load_is_plain_json_and_checks_model(tb, tmp_path, kind):
     with pytest.raises(ModelMismatch):
         probe.check_model(other)
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(Exception, match="cannot read probe"):
+    with pytest.raises(ProbeFileError, match="cannot read probe"):
         load_probe(tmp_path / "bad.json")
 
 
