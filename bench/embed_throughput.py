@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxr_embed import Embedder, load_image, preprocess
+from cxr_embed import Embedder, configure_process, load_image, preprocess
 from cxr_embed.batch import InputItem, embed_to_store
 from cxr_embed.models import create_model
 
@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--batch-size", type=int, default=32)
     args = ap.parse_args()
+    configure_process()  # as `cxr-embed embed` and `serve` do (cxr_embed/process.py)
     data = Path(args.data)
     rows = list(csv.DictReader(open(data / "pretrain.csv")))
     pick = np.random.default_rng(0).choice(len(rows), args.n, replace=False)

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import httpx
 
-from cxr_embed import Embedder
+from cxr_embed import Embedder, configure_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,6 +115,7 @@ def main() -> None:
                     help="also measure throughput of the default server started with these environment "
                          "variables, in the same rounds (e.g. one-team:CXR_EMBED_CPU_WORKERS=1)")
     args = ap.parse_args()
+    configure_process()  # as `cxr-embed embed` and `serve` do (cxr_embed/process.py)
     variants = {}
     for v in args.variant:
         name, _, assignments = v.partition(":")

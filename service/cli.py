@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
-from cxr_embed.errors import CxrEmbedError
+from cxr_embed.errors import ConfigError, CxrEmbedError
 
 
 def register(sub) -> None:
@@ -20,7 +20,9 @@ def register(sub) -> None:
     p.add_argument("--image-check", default=None, choices=["auto", "always", "never"],
                    help="is-it-a-frontal-CXR check by the image: auto (default) when DICOM tags do not already say "
                         "CR/DX chest AP/PA, always, or never (tags only) (CXR_EMBED_IMAGE_CHECK)")
-    p.add_argument("--log-level", default="info", help="uvicorn log level (default %(default)s)")
+    p.add_argument("--log-level", default="info", help="log level (default %(default)s)")
+    p.add_argument("--log-format", default=None, choices=["text", "json"],
+                   help="text, or JSON lines with request ids (CXR_EMBED_LOG_FORMAT; default text)")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -38,18 +40,17 @@ def check_port_free(host: str, port: int) -> None:
 
 def serve(settings, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     """Run the service until stopped; raises CxrEmbedError when the port is busy or loading fails."""
-    import uvicorn
-
     from cxr_embed.process import configure_process
 
     from .app import create_app
     from .engine import Engine
+    from .server import run
 
     check_port_free(host, port)
     configure_process(blas_threads=1)
     engine = Engine(settings)
     print(f"serving on http://{host}:{port} (docs at /docs); /ready answers 503 until the model is loaded", flush=True)
-    uvicorn.run(create_app(settings, engine, exit_on_load_error=True), host=host, port=port, log_level=log_level)
+    run(create_app(settings, engine, exit_on_load_error=True), settings, host, port, log_level)
     if engine.load_error:
         raise CxrEmbedError(f"could not start: {engine.load_error}")
 
@@ -58,8 +59,12 @@ def _cmd_serve(args) -> int:
     from .settings import ServiceSettings
 
     settings = ServiceSettings.from_env(model=args.model, probes=args.probes, store=args.store, device=args.device,
-                                        image_check=args.image_check)
+                                        image_check=args.image_check, log_format=args.log_format)
     host = args.host or os.environ.get("CXR_EMBED_HOST", "127.0.0.1")
-    port = args.port or int(os.environ.get("CXR_EMBED_PORT", "8000"))
+    raw_port = args.port or os.environ.get("CXR_EMBED_PORT", "8000")
+    try:
+        port = int(raw_port)
+    except ValueError:
+        raise ConfigError(f"CXR_EMBED_PORT={raw_port!r} is not a port number") from None
     serve(settings, host, port, args.log_level)
     return 0

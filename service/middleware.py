@@ -4,16 +4,27 @@ stream of its own, which cost milliseconds per request.)"""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
+import re
 import time
+import uuid
 
 from starlette.requests import ClientDisconnect
 
 from .errors import HTTPProblem, problem, status_for
 
 log = logging.getLogger("cxr_embed.service")
+access = logging.getLogger("cxr_embed.access")
 OPEN_ROUTES = {"/health"}  # answered without a token
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def request_id(headers: list[tuple[bytes, bytes]]) -> str:
+    """The client's X-Request-ID when it is a short plain token, else a new one."""
+    given = next((v.decode("latin-1") for k, v in headers if k.lower() == b"x-request-id"), "")
+    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
 
 
 def check_bearer(headers: list[tuple[bytes, bytes]], token: str) -> None:
@@ -38,10 +49,13 @@ class Guard:
         start = time.perf_counter()
         route = scope.get("path", "")
         status = {"code": 500, "started": False}
+        rid = request_id(scope.get("headers") or [])
+        scope.setdefault("state", {})["request_id"] = rid
 
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
                 status["code"], status["started"] = message["status"], True
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
             await send(message)
 
         try:
@@ -58,4 +72,18 @@ class Guard:
                 raise
             await problem(exc, self.settings.retry_after_s)(scope, receive, send_wrapper)
         name = route if route in self.known_routes else "other"
-        self.metrics.observe(name, scope.get("method", ""), status["code"], time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        self.metrics.observe(name, scope.get("method", ""), status["code"], seconds)
+        self._access_log(scope, rid, name, status["code"], seconds)
+
+    def _access_log(self, scope, rid: str, route: str, status: int, seconds: float) -> None:
+        """Who asked for what: client address, credential fingerprint, route, status, image count;
+        never a body, a query string or a header value that could carry patient data."""
+        client = scope.get("client") or ("-", 0)
+        principal = "bearer:" + hashlib.sha256(self.settings.token.encode()).hexdigest()[:8] \
+            if self.settings.token and route not in OPEN_ROUTES and status != 401 else "anonymous"
+        fields = {"request_id": rid, "method": scope.get("method", ""), "route": route, "status": status,
+                  "duration_ms": round(seconds * 1000, 1), "client": client[0], "principal": principal,
+                  "images": scope.get("state", {}).get("images", 0)}
+        access.info("%s %s %s %d %.1f ms %s images=%d", rid, fields["method"], route, status, fields["duration_ms"],
+                    client[0], fields["images"], extra=fields)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 
 from fastapi import APIRouter, Query, Request
@@ -17,8 +18,18 @@ SINGLE_TYPES = {"application/dicom": "dicom", "image/png": "png", "image/jpeg": 
 router = APIRouter()
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused with 413 as soon as it passes `limit` bytes."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The whole body, refused with 413 as soon as it passes `limit` bytes, and with 408 when it has
+    not arrived within `timeout_s` (a slow client must not hold a connection and a buffer forever)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read_body(request, limit)
+    except TimeoutError:
+        raise HTTPProblem(408, "body_timeout", f"the request body did not arrive within {timeout_s:g} s "
+                          "(CXR_EMBED_BODY_TIMEOUT_S)") from None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise HTTPProblem(413, "body_too_large", f"body of {declared} bytes exceeds the limit of {limit} "
@@ -39,7 +50,7 @@ async def read_files(request: Request) -> list[tuple[str | None, bytes]]:
     if ctype not in SINGLE_TYPES and ctype != "multipart/form-data":
         raise HTTPProblem(415, "unsupported_media_type", f"content type {ctype or '(missing)'} is not accepted; send "
                           "application/dicom, image/png, image/jpeg or multipart/form-data")
-    body = await read_body(request, settings.max_body_bytes)
+    body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
     if ctype in SINGLE_TYPES:
         if not body:
             raise EmptyInput("empty request body")
@@ -84,6 +95,7 @@ def image_json(res: ImageResult, with_embedding: bool, encoding: str = "list", w
 
 async def process(request: Request, probe_names=None) -> list[ImageResult]:
     files = await read_files(request)
+    request.state.images = len(files)  # for the access log
     results = await request.app.state.engine.process(files, probe_names)
     if len(files) == 1 and results[0].error is not None and files[0][0] is None:
         raise results[0].error  # a single raw image: its error is the request's error

@@ -38,12 +38,19 @@ class ServiceSettings:
     # stored metadata fields that /search may return beside ids and distances (comma-separated in
     # CXR_EMBED_SEARCH_METADATA); default none: a store's metadata may hold patient ids
     search_metadata: tuple = ()
+    max_connections: int = 256  # open connections; more get 503 (slow or idle clients cannot take every fd)
+    header_timeout_s: float = 10.0  # a connection must send a complete request head within this
+    body_timeout_s: float = 60.0  # a request body must arrive within this (else 408)
+    keepalive_s: int = 5  # idle keep-alive connections close after this
+    log_format: str = "text"  # text or json (one JSON object per line, with request ids)
 
     def __post_init__(self):
         if isinstance(self.search_metadata, str):
             self.search_metadata = tuple(f.strip() for f in self.search_metadata.split(",") if f.strip())
         self.search_metadata = tuple(self.search_metadata)
-        for name in ("max_body_bytes", "max_files", "max_batch", "max_queue"):
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"{ENV_PREFIX}LOG_FORMAT={self.log_format!r}: expected text or json")
+        for name in ("max_body_bytes", "max_files", "max_batch", "max_queue", "max_connections"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be at least 1, not {getattr(self, name)!r}")
 
