@@ -401,7 +401,7 @@ def _decode_pixels(ds: Dataset, info: ImageInfo, max_pixels: int, secrets: list[
     return arr
 
 
-_TRUNCATION_WORDS = ("truncat", "end of", "short", "less than expected", "insufficient", "missing",
+_TRUNCATION_WORDS = ("truncat", "end of", "too short", "less than expected", "insufficient",
                      "doesn't match the expected length", "does not match the expected length")
 
 
@@ -409,7 +409,7 @@ def _decoder_error(exc: Exception, info: ImageInfo, secrets: list[str]) -> Input
     """A decoder's exception as a typed error: missing plugin, missing data, or a codestream it rejects."""
     text = scrub(str(exc), secrets)
     lower = text.lower()
-    if "plugin" in lower or ("decod" in lower and "available" in lower):
+    if "missing dependencies" in lower or "no plugin" in lower:  # pydicom: no decoder installed for it
         return UnsupportedImage(f"cannot decode transfer syntax {info.transfer_syntax}: {text}")
     if isinstance(exc, (EOFError, IndexError)) or any(w in lower for w in _TRUNCATION_WORDS):
         return TruncatedImage(f"DICOM pixel data is truncated: {type(exc).__name__}: {text}")
