@@ -189,8 +189,9 @@ def read_dicom(data: bytes, max_pixels: int = MAX_PIXELS) -> DecodedImage:
             if any("end of file" in m.lower() for m in [*(str(w.message) for w in records), *stash]):
                 raise TruncatedImage("DICOM file is truncated: it ends inside a data element")
             info, attrs = _check_header(ds, max_pixels)
-        arr = _decode_pixels(ds, info, max_pixels, secrets)
-        grey = _to_grey(ds, arr, attrs, info)
+            pixels = pixel_dataset(ds)
+        arr = _decode_pixels(pixels, info, max_pixels, secrets)
+        grey = _to_grey(pixels, arr, attrs, info)
         return DecodedImage(pixels=check_finite(grey, "DICOM"), info=info)
     finally:
         _STASH.reset(token)
@@ -209,10 +210,11 @@ def _parse(data: bytes, max_pixels: int) -> Dataset:
         raise
     except (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError, NotImplementedError,
             IndexError, OverflowError, RecursionError, MemoryError, zlib.error) as exc:
-        # pydicom's text can quote element values: only the kind of failure is reported
-        raise TruncatedImage(f"DICOM file is truncated or malformed ({type(exc).__name__} while parsing)") from exc
+        # pydicom's text can quote element values: only the kind of failure is reported, and the
+        # exception is not chained (a logged traceback would show its text)
+        raise TruncatedImage(f"DICOM file is truncated or malformed ({type(exc).__name__} while parsing)") from None
     except Exception as exc:  # pydicom raises many kinds on malformed data elements
-        raise TruncatedImage(f"DICOM file is malformed ({type(exc).__name__} while parsing)") from exc
+        raise TruncatedImage(f"DICOM file is malformed ({type(exc).__name__} while parsing)") from None
 
 
 def _read_deflated(data: bytes, bound: int) -> Dataset:
@@ -367,6 +369,33 @@ def frame_attributes(ds: Dataset) -> Dataset:
                         with contextlib.suppress(Exception):
                             flat[keyword] = items[0][keyword]
     return flat
+
+
+_PIXEL_KEYWORDS = (
+    "SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit",
+    "PixelRepresentation", "PlanarConfiguration", "NumberOfFrames", "PixelData", "FloatPixelData",
+    "DoubleFloatPixelData", "ExtendedOffsetTable", "ExtendedOffsetTableLengths",
+    *(f"{c}PaletteColorLookupTable{part}" for c in ("Red", "Green", "Blue", "Alpha") for part in ("Descriptor", "Data")),
+    *(f"Segmented{c}PaletteColorLookupTableData" for c in ("Red", "Green", "Blue", "Alpha")),
+)
+
+
+def pixel_dataset(ds: Dataset) -> Dataset:
+    """The Image Pixel module (PS3.3 C.7.6.3) alone, values converted now: what the decoders may read.
+
+    pydicom's decoders read the dataset lazily; given the whole file they can convert (and warn about,
+    quoting it) any element, such as an unknown SpecificCharacterSet. Given only this, they cannot.
+    """
+    pixels = Dataset()
+    for keyword in _PIXEL_KEYWORDS:
+        if keyword in ds:
+            with contextlib.suppress(Exception):
+                pixels[keyword] = ds[keyword]
+    pixels.file_meta = ds.file_meta if hasattr(ds, "file_meta") else pydicom.dataset.FileMetaDataset()
+    encoding = getattr(ds, "original_encoding", None)
+    if encoding and encoding[0] is not None:
+        pixels.set_original_encoding(encoding[0], encoding[1], "iso8859")
+    return pixels
 
 
 def _little_endian(ds: Dataset) -> bool:
@@ -609,7 +638,8 @@ def apply_modality(values: np.ndarray, transform: Rescale | Lut | None) -> np.nd
         return values.astype(np.float64)
     if isinstance(transform, Lut):
         return lut_lookup(values, transform).astype(np.float64)
-    return values.astype(np.float64) * transform.slope + transform.intercept
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused by the caller, by name
+        return values.astype(np.float64) * transform.slope + transform.intercept
 
 
 def lut_lookup(values: np.ndarray, lut: Lut) -> np.ndarray:

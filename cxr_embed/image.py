@@ -123,9 +123,11 @@ def read_raster(data: bytes, max_pixels: int = MAX_PIXELS) -> DecodedImage:
             im.load()
             mode = im.mode
             if mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im, dtype=np.float64)
-                # 16-bit PNGs come as mode I or I;16; their full scale is 65535
-                grey = np.clip(arr / 65535.0, 0.0, 1.0).astype(np.float32)
+                # 16-bit PNGs come as mode I or I;16; their full scale is 65535. In place, in float32:
+                # the largest allowed image stays a few hundred MB
+                grey = np.asarray(im).astype(np.float32)
+                grey *= np.float32(1.0 / 65535.0)
+                np.clip(grey, 0.0, 1.0, out=grey)
                 bits = 16
             elif mode == "F":
                 raise UnsupportedImage("floating-point images are not supported")
