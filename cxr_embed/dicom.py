@@ -227,15 +227,23 @@ def _read_deflated(data: bytes, bound: int) -> Dataset:
     meta = pydicom.filereader._read_file_meta_info(fp)
     if str(meta.get("TransferSyntaxUID", "")) != _DEFLATED:
         return pydicom.dcmread(io.BytesIO(data))
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    inflated = inflater.decompress(data[fp.tell():], bound)
-    if inflater.unconsumed_tail:
+    deflated = memoryview(data)[fp.tell():]
+    if inflated_size(deflated, bound) > bound:
         raise ImageTooLarge(
             f"deflated DICOM inflates to more than {bound:,} bytes (the bound for max_pixels); "
             "pass load_image(..., max_pixels=N) to raise it"
         )
-    ds = read_dataset(io.BytesIO(inflated), is_implicit_VR=False, is_little_endian=True)
+    ds = read_dataset(io.BytesIO(zlib.decompress(deflated, -zlib.MAX_WBITS)), is_implicit_VR=False, is_little_endian=True)
     return FileDataset(None, ds, preamble=preamble, file_meta=meta, is_implicit_VR=False, is_little_endian=True)
+
+
+def inflated_size(deflated: bytes | memoryview, bound: int, chunk: int = 1 << 24) -> int:
+    """Bytes a raw deflate stream inflates to, counted in 16 MiB chunks and stopping past `bound`."""
+    inflater, total, pending = zlib.decompressobj(-zlib.MAX_WBITS), 0, bytes(deflated)
+    while pending and total <= bound and not inflater.eof:
+        total += len(inflater.decompress(pending, chunk))
+        pending = inflater.unconsumed_tail
+    return total
 
 
 def _get(ds: Dataset, keyword: str, default: Any = None) -> Any:
