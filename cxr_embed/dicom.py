@@ -783,16 +783,18 @@ def grey_pipeline(arr: np.ndarray, attrs: Dataset, info: ImageInfo, little_endia
     monochrome1 = info.photometric_interpretation == "MONOCHROME1"
     if np.issubdtype(arr.dtype, np.integer) and arr.size:
         lo, hi = int(arr.min()), int(arr.max())
-        if hi - lo <= (1 << 20):
-            domain = np.arange(lo, hi + 1, dtype=np.int64)
-            index = arr if lo == 0 and not np.issubdtype(arr.dtype, np.signedinteger) else np.subtract(arr, lo, dtype=np.int32)
+        # a table from 0 lets the stored values index it as they are (no shifted int32 copy)
+        start = 0 if 0 <= lo and hi <= (1 << 20) else lo
+        if hi - start <= (1 << 20):
+            domain = np.arange(start, hi + 1, dtype=np.int64)
+            index = arr if start == 0 else np.subtract(arr, start, dtype=np.int32)
             mod = _finite_modality(apply_modality(domain, modality))
             if voi is None and isinstance(modality, Lut):  # a LUT need not be monotonic: bounds of values present
                 present = mod[np.bincount(index.ravel(), minlength=len(domain)) > 0]
-                bounds = (float(present.min()), float(present.max()))
             else:
-                bounds = (float(mod.min()), float(mod.max()))
-            return grey_values(mod, voi, bounds, monochrome1, info)[index]
+                present = mod[lo - start:]  # rescale is monotonic: its extremes over lo..hi
+            bounds = (float(present.min()), float(present.max()))
+            return np.take(grey_values(mod, voi, bounds, monochrome1, info), index)
     if not np.isfinite(arr).all():
         raise InvalidPixelTransform("pixel data holds NaN or infinite values")
     mod = _finite_modality(apply_modality(arr, modality))
