@@ -49,6 +49,26 @@ class UnsupportedImage(InputError):
     code = "unsupported_image"
 
 
+class UndecodableImage(InputError):
+    """A compressed image whose decoder failed for a reason other than missing data."""
+
+    code = "undecodable_image"
+
+
+class InvalidPixelTransform(InputError):
+    """A header value the grey-level pipeline cannot use (NaN/infinite rescale, BitsStored out of range...).
+
+    The message names the attribute (never the value of an identifying one)."""
+
+    code = "invalid_pixel_transform"
+
+
+class ImageTooLarge(InputError):
+    """An image whose declared size is over the decoding limit: refused before any pixel is decoded."""
+
+    code = "image_too_large"
+
+
 class ModelError(CxrEmbedError):
     code = "model_error"
 

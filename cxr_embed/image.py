@@ -8,11 +8,15 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import NotAnImage, TruncatedImage, UnsupportedImage
+from .errors import ImageTooLarge, InvalidPixelTransform, NotAnImage, TruncatedImage, UnsupportedImage
 
-# Pillow refuses absurd sizes itself (decompression bomb); keep its default guard.
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
+
+# The most pixel values (rows x columns x frames x samples) a file may declare: a real radiograph
+# is at most ~4300x4300 (18.5 M); beyond this a file is refused before a pixel is decoded, so a few
+# compressed kilobytes cannot make us allocate gigabytes (a "decompression bomb").
+MAX_PIXELS = 50_000_000
 
 
 @dataclass
@@ -30,6 +34,15 @@ class ImageInfo:
     laterality: str | None = None
     window: str | None = None
     warnings: list[str] = field(default_factory=list)
+    # False when the pixels are not what a reader would see (e.g. a DX "FOR PROCESSING" image, a
+    # broken window we had to ignore): the image is embedded, but callers should not trust it blindly.
+    reliable: bool = True
+    unreliable_reasons: list[str] = field(default_factory=list)
+
+    def flag_unreliable(self, reason: str) -> None:
+        """Mark the image as embedded but unreliable, saying why."""
+        self.reliable = False
+        self.unreliable_reasons.append(reason)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -78,19 +91,44 @@ def array_to_grey(arr: np.ndarray) -> np.ndarray:
     return rgb_to_grey(out) if out.ndim == 3 else out
 
 
-def read_raster(data: bytes) -> DecodedImage:
-    """Decode PNG or JPEG bytes (8- or 16-bit, grey or colour) into a grey image."""
+def check_declared_size(rows: int, cols: int, max_pixels: int, what: str, frames: int = 1, samples: int = 1) -> None:
+    """Refuse an image whose declared size is over `max_pixels` pixel values, before decoding it."""
+    total = int(rows) * int(cols) * max(int(frames), 1) * max(int(samples), 1)
+    if total > max_pixels:
+        detail = f"{cols}x{rows}" + (f"x{frames} frames" if frames > 1 else "") + (f"x{samples} samples" if samples > 1 else "")
+        raise ImageTooLarge(
+            f"{what} declares {detail} = {total:,} pixel values, over the limit of {max_pixels:,}; "
+            "pass load_image(..., max_pixels=N) to raise it"
+        )
+
+
+def check_finite(pixels: np.ndarray, what: str) -> np.ndarray:
+    """Last defence: a decoded image never holds NaN or infinity."""
+    # min and max propagate NaN and reach +-inf, without the boolean copy np.isfinite(pixels).all() makes
+    if pixels.size and not (np.isfinite(pixels.min()) and np.isfinite(pixels.max())):
+        raise InvalidPixelTransform(f"decoding the {what} gave non-finite pixel values")
+    return pixels
+
+
+def read_raster(data: bytes, max_pixels: int = MAX_PIXELS) -> DecodedImage:
+    """Decode PNG or JPEG bytes (8- or 16-bit, grey or colour) into a grey image.
+
+    The size is checked from the header (Image.open reads no pixels) before `load()`.
+    """
     fmt = "png" if data.startswith(PNG_MAGIC) else "jpeg" if data.startswith(JPEG_MAGIC) else None
     if fmt is None:
         raise NotAnImage("not a DICOM, PNG or JPEG file")
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=[fmt.upper()]) as im:
+            check_declared_size(im.height, im.width, max_pixels, fmt.upper())
             im.load()
             mode = im.mode
             if mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im, dtype=np.float64)
-                # 16-bit PNGs come as mode I or I;16; their full scale is 65535
-                grey = np.clip(arr / 65535.0, 0.0, 1.0).astype(np.float32)
+                # 16-bit PNGs come as mode I or I;16; their full scale is 65535. In place, in float32:
+                # the largest allowed image stays a few hundred MB
+                grey = np.asarray(im).astype(np.float32)
+                grey *= np.float32(1.0 / 65535.0)
+                np.clip(grey, 0.0, 1.0, out=grey)
                 bits = 16
             elif mode == "F":
                 raise UnsupportedImage("floating-point images are not supported")
@@ -101,8 +139,13 @@ def read_raster(data: bytes) -> DecodedImage:
                 grey = array_to_grey(arr)
                 bits = 8
             size = (im.height, im.width)
-    except UnsupportedImage:
+    except (UnsupportedImage, ImageTooLarge):
         raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(
+            f"{fmt.upper()} declares more pixels than Pillow allows (PIL.Image.MAX_IMAGE_PIXELS="
+            f"{Image.MAX_IMAGE_PIXELS:,}, refused at twice that)"
+        ) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise TruncatedImage(f"{fmt.upper()} data is truncated or corrupt: {exc}") from exc
     info = ImageInfo(
@@ -113,4 +156,4 @@ def read_raster(data: bytes) -> DecodedImage:
     )
     if mode not in ("L", "I", "I;16", "I;16B", "I;16L"):
         info.warnings.append(f"colour image ({mode}) converted to grey")
-    return DecodedImage(pixels=grey, info=info)
+    return DecodedImage(pixels=check_finite(grey, fmt.upper()), info=info)

@@ -181,7 +181,7 @@ def test_decoder_failures_become_input_errors(monkeypatch, samples):
     """Whatever a decoder library raises on odd input is reported as an InputError, never a crash."""
     import cxr_embed.ingest as ingest
 
-    def boom(data):
+    def boom(data, *limits):
         raise RecursionError("decoder blew up")
 
     monkeypatch.setattr(ingest, "read_raster", boom)
