@@ -28,7 +28,7 @@ from .chest import CHECK_MODEL, ChestCheck, ReferenceSet, check_chest, check_emb
 from .errors import ConfigError, InputError
 from .identity import ModelIdentity
 from .image import ImageInfo
-from .ingest import MIN_SIDE, ImageSource, load_image
+from .ingest import MAX_PIXELS, MIN_SIDE, ImageSource, load_image
 from .models import EmbeddingModel, create_model, inference_model
 from .preprocess import preprocess
 from .threads import decode_pool, model_threads
@@ -59,6 +59,7 @@ class RuntimeSettings:
     cpu_workers: int = 1
     decode_threads: int = 2
     min_side: int = MIN_SIDE  # images with a shorter side are refused
+    max_pixels: int = MAX_PIXELS  # images declaring more (rows x columns x frames x samples) are refused before decoding
 
     def __post_init__(self):
         aliases = {"1": "always", "0": "never", "true": "always", "false": "never"}
@@ -67,7 +68,7 @@ class RuntimeSettings:
         if value not in IMAGE_CHECK_POLICIES:
             raise ConfigError(f"image check policy {self.image_check!r}: expected one of {', '.join(IMAGE_CHECK_POLICIES)}")
         self.image_check = value
-        for name in ("model_threads", "cpu_workers", "cpu_chunk", "decode_threads", "min_side"):
+        for name in ("model_threads", "cpu_workers", "cpu_chunk", "decode_threads", "min_side", "max_pixels"):
             if int(getattr(self, name)) < (1 if name in ("cpu_chunk", "decode_threads") else 0):
                 raise ConfigError(f"{name} must be a {'positive' if name in ('cpu_chunk', 'decode_threads') else 'non-negative'} "
                                   f"integer, not {getattr(self, name)!r}")
@@ -177,7 +178,7 @@ class Runtime:
     def prepare(self, source: ImageSource) -> Prepared:
         """Decode and preprocess one input; a bad input gives a Prepared with its error, never raises."""
         try:
-            decoded = load_image(source, min_side=self.settings.min_side)
+            decoded = load_image(source, min_side=self.settings.min_side, max_pixels=self.settings.max_pixels)
             tensor = preprocess(decoded, self.model.preprocess)
         except InputError as exc:
             return Prepared(None, None, exc)

@@ -195,7 +195,8 @@ class Engine:
             emb, check_emb = await asyncio.wrap_future(fut)
             res.embedding = emb
             res.chest = self.runtime.chest_check(res.info, check_emb)
-            res.scores = score_embedding(self.probes, emb, probe_names, reliable=res.chest.is_frontal_cxr)
+            reliable = res.chest.is_frontal_cxr and res.info.reliable  # e.g. a DX image "for processing"
+            res.scores = score_embedding(self.probes, emb, probe_names, reliable=reliable)
         return results
 
     def _enqueue(self, jobs: list[tuple[ImageResult, Prepared]]) -> list[tuple[ImageResult, Future]]:

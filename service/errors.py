@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse
 from cxr_embed.errors import (
     CxrEmbedError,
     EmptyInput,
+    ImageTooLarge,
     InputError,
     ModelMismatch,
     NotAnImage,
@@ -29,6 +30,7 @@ STATUS_TABLE: list[tuple[type, int]] = [
     (EmptyInput, 400),
     (NotAnImage, 400),
     (TruncatedImage, 400),
+    (ImageTooLarge, 413),
     (InputError, 422),
     (TooManyImages, 413),
     (QueueFull, 429),

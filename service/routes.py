@@ -85,9 +85,13 @@ def image_json(res: ImageResult, with_embedding: bool, encoding: str = "list", w
         out["embedding"] = [round(float(v), 7) for v in res.embedding]
     out["findings"] = res.info.to_dict()
     out["chest_check"] = res.chest.to_dict()
+    warnings = []
     if not res.chest.is_frontal_cxr:
-        out["warning"] = ("this does not look like a frontal chest radiograph: " + "; ".join(res.chest.reasons)
-                          + ". Scores on it are unreliable.")
+        warnings.append("this does not look like a frontal chest radiograph: " + "; ".join(res.chest.reasons))
+    if not res.info.reliable:
+        warnings.append("the embedding is unreliable: " + "; ".join(res.info.unreliable_reasons))
+    if warnings:
+        out["warning"] = ". ".join(warnings) + ". Scores on it are unreliable."
     if with_scores:
         out["scores"] = res.scores
     return out

@@ -92,6 +92,7 @@ class ServiceSettings:
             "batch_wait_ms": self.batch_wait_ms,
             "max_queue": self.max_queue,
             "min_side": self.runtime.min_side,
+            "max_pixels": self.runtime.max_pixels,
         }
 
 
