@@ -19,49 +19,7 @@ from PIL import Image
 from cxr_embed import Store
 from probes import save_probe, train_probe
 from cxr_embed.labels import read_labels
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, tmp, args, env=None):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = tmp / f"server-{self.port}.log"
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cxr_embed", "serve", "--port", str(self.port), *args],
-            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-        )
-        token = (env or {}).get("CXR_EMBED_TOKEN")
-        headers = {"authorization": f"Bearer {token}"} if token else {}
-        deadline = time.time() + 120
-        self.saw_503 = False
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log_path.read_text()[-2000:]}")
-            try:
-                code = httpx.get(self.url + "/ready", headers=headers, timeout=1).status_code
-                self.saw_503 |= code == 503
-                if code == 200:
-                    break
-                time.sleep(0.1)
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        else:
-            raise RuntimeError("server did not start")
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
+from servers import Server, free_port as _free_port
 
 
 @pytest.fixture(scope="module")
@@ -383,7 +341,7 @@ def test_a_failing_helper_fails_its_batch_not_the_batcher(samples):
         results = asyncio.run(engine.process(jpgs))
         assert all(r.error is None and r.embedding is not None and r.chest.checked_by == ["image"] for r in results)
     finally:
-        rt.close()
+        engine.close()
 
 
 def test_malloc_tuning_applies_once_and_can_be_turned_off():
