@@ -488,3 +488,49 @@ def test_mutated_raster_headers_give_input_errors_within_memory(worker, seeds, n
         data = data[: max(cut, 8)]
     reply = worker.decode(bytes(data))
     assert _safe(reply), reply
+
+
+# ---------------------------------------------------------------------------------------------
+# The same corpus through the real service: 4xx (or a flagged 200), never a 5xx, bounded memory
+
+
+def _peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM in /proc status")
+
+
+def test_service_answers_the_hostile_corpus_with_4xx_in_bounded_memory(bombs, dcm_dir, samples, tmp_path):
+    import httpx
+
+    from servers import Server
+
+    srv = Server(tmp_path, ["--model", "imagenet-effnet-lite0"])
+    try:
+        url, ctype = srv.url + "/embed", {"content-type": "application/octet-stream"}
+        normal = [(dcm_dir / "RG1_UNCR.dcm").read_bytes()] + [p.read_bytes() for p in sorted(samples.glob("*.jpg"))]
+        for data in normal:
+            kind = "application/dicom" if data[128:132] == b"DICM" else "image/jpeg"
+            assert httpx.post(url, content=data, headers={"content-type": kind}, timeout=120).status_code == 200
+        baseline = _peak_rss_mib(srv.proc.pid)
+        for name, data in bombs.items():
+            kind = "image/png" if name.startswith("png") else "image/jpeg" if name.startswith("jpeg") else "application/dicom"
+            r = httpx.post(url, content=data, headers={"content-type": kind}, timeout=120)
+            assert r.status_code == 413 and r.json()["error"]["code"] == "image_too_large", (name, r.text[:300])
+        for name, data in _variants(dcm_dir).items():
+            r = httpx.post(url, content=data, headers={"content-type": "application/dicom"}, timeout=120)
+            assert r.status_code < 500, (name, r.status_code, r.text[:300])
+            if r.status_code == 200:  # decoded: finite numbers only, and flagged where a value was ignored
+                result = r.json()["results"][0]
+                assert np.isfinite(result["embedding"]).all(), name
+                assert name != "broken_WindowWidth" or result["findings"]["reliable"] is False
+            assert b"PHIMARKER" not in r.content and b"19010101" not in r.content, name
+        peak = _peak_rss_mib(srv.proc.pid)
+        print(f"service peak RSS: {baseline:.0f} MiB after normal traffic, {peak:.0f} MiB after the bombs")
+        assert peak - baseline < 1024, (baseline, peak)
+        assert httpx.post(url, content=b"not an image", headers=ctype, timeout=30).status_code == 415
+    finally:
+        srv.stop()
+    log = srv.log_path.read_text()
+    assert "PHIMARKER" not in log and "19010101" not in log
