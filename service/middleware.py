@@ -13,7 +13,14 @@ from starlette.requests import ClientDisconnect
 from .errors import HTTPProblem, problem, status_for
 
 log = logging.getLogger("cxr_embed.service")
-OPEN_ROUTES = {"/health"}  # answered without a token
+# answered without a token: they hold no data (the web page, the API docs and their assets, in web.py)
+OPEN_ROUTES = {"/health", "/", "/docs", "/redoc", "/openapi.json"}
+OPEN_PREFIXES = ("/static/",)
+
+
+def is_open(path: str) -> bool:
+    """Whether `path` is answered without the bearer token."""
+    return path in OPEN_ROUTES or path.startswith(OPEN_PREFIXES)
 
 
 def check_bearer(headers: list[tuple[bytes, bytes]], token: str) -> None:
@@ -45,7 +52,7 @@ class Guard:
             await send(message)
 
         try:
-            if self.settings.token and route not in OPEN_ROUTES:
+            if self.settings.token and not is_open(route):
                 check_bearer(scope.get("headers") or [], self.settings.token)
             await self.app(scope, receive, send_wrapper)
         except ClientDisconnect:  # the client went away: nobody to answer, nothing went wrong here
