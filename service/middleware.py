@@ -14,7 +14,7 @@ from .errors import HTTPProblem, problem, status_for
 
 log = logging.getLogger("cxr_embed.service")
 # answered without a token: they hold no data (the web page, the API docs and their assets, in web.py)
-OPEN_ROUTES = {"/health", "/", "/docs", "/redoc", "/openapi.json"}
+OPEN_ROUTES = {"/health", "/", "/docs", "/openapi.json"}
 OPEN_PREFIXES = ("/static/",)
 
 
