@@ -20,6 +20,7 @@ from .metrics import Metrics
 from .middleware import Guard
 from .routes import router
 from .settings import ServiceSettings
+from .web import document_bearer, router as web_router
 
 log = logging.getLogger("cxr_embed.service")
 
@@ -52,12 +53,15 @@ def create_app(settings: ServiceSettings | None = None, engine: Engine | None = 
         yield
         engine.close()
 
-    app = FastAPI(title="cxr-embed", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="cxr-embed", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Chest X-ray embeddings and probe scores. Send a DICOM, PNG or JPEG.")
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, Metrics()
     app.include_router(router)
+    app.include_router(web_router)  # the page at / and the offline /docs (docs_url=None above)
+    if settings.token:
+        document_bearer(app)
     # routes named in metrics; any other path counts as "other" (no unbounded label values)
-    known = {r.path for r in router.routes} | {u for u in (app.openapi_url, app.docs_url, app.redoc_url) if u}
+    known = {r.path for r in [*router.routes, *web_router.routes]} | {app.openapi_url}
     app.add_middleware(Guard, settings=settings, metrics=app.state.metrics, known_routes=known)
 
     async def on_error(request: Request, exc: Exception):

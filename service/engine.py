@@ -22,6 +22,7 @@ import torch
 from cxr_embed.chest import ChestCheck
 from cxr_embed.errors import CxrEmbedError, InputError
 from cxr_embed.image import ImageInfo
+from cxr_embed.preview import preview_png
 from cxr_embed.runtime import Prepared, Runtime
 from probes.scoring import UnknownProbe, check_names, score_embedding
 
@@ -214,6 +215,14 @@ class Engine:
                 raise QueueFull(f"the service is busy ({self.queue_depth} images queued); retry shortly") from None
             waiting.append((res, fut))
         return waiting
+
+    async def preview(self, data: bytes) -> bytes:
+        """The PNG of the model's input for `data` (decoded in the decoding pool); raises its InputError."""
+        if not self.ready:
+            raise NotReady("the model is still loading; retry when /ready answers 200")
+        config, min_side = self.runtime.model.preprocess, self.settings.runtime.min_side
+        return await asyncio.get_running_loop().run_in_executor(
+            self.runtime.decode_pool, preview_png, data, config, min_side)
 
     def _prepare(self, data: bytes) -> Prepared:
         with self._lock:

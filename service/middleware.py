@@ -17,7 +17,6 @@ from .errors import HTTPProblem, problem, status_for
 
 log = logging.getLogger("cxr_embed.service")
 access = logging.getLogger("cxr_embed.access")
-OPEN_ROUTES = {"/health"}  # answered without a token
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -25,6 +24,16 @@ def request_id(headers: list[tuple[bytes, bytes]]) -> str:
     """The client's X-Request-ID when it is a short plain token, else a new one."""
     given = next((v.decode("latin-1") for k, v in headers if k.lower() == b"x-request-id"), "")
     return given if _REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
+
+
+# answered without a token: they hold no data (the web page, the API docs and their assets, in web.py)
+OPEN_ROUTES = {"/health", "/", "/docs", "/openapi.json"}
+OPEN_PREFIXES = ("/static/",)
+
+
+def is_open(path: str) -> bool:
+    """Whether `path` is answered without the bearer token."""
+    return path in OPEN_ROUTES or path.startswith(OPEN_PREFIXES)
 
 
 def check_bearer(headers: list[tuple[bytes, bytes]], token: str) -> None:
@@ -59,7 +68,7 @@ class Guard:
             await send(message)
 
         try:
-            if self.settings.token and route not in OPEN_ROUTES:
+            if self.settings.token and not is_open(route):
                 check_bearer(scope.get("headers") or [], self.settings.token)
             await self.app(scope, receive, send_wrapper)
         except ClientDisconnect:  # the client went away: nobody to answer, nothing went wrong here
@@ -81,7 +90,7 @@ class Guard:
         never a body, a query string or a header value that could carry patient data."""
         client = scope.get("client") or ("-", 0)
         principal = "bearer:" + hashlib.sha256(self.settings.token.encode()).hexdigest()[:8] \
-            if self.settings.token and route not in OPEN_ROUTES and status != 401 else "anonymous"
+            if self.settings.token and not is_open(route) and status != 401 else "anonymous"
         fields = {"request_id": rid, "method": scope.get("method", ""), "route": route, "status": status,
                   "duration_ms": round(seconds * 1000, 1), "client": client[0], "principal": principal,
                   "images": scope.get("state", {}).get("images", 0)}

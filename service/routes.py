@@ -6,7 +6,7 @@ import asyncio
 import base64
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from cxr_embed.errors import EmptyInput
 
@@ -147,6 +147,17 @@ async def search(request: Request, k: int = Query(5, ge=1, le=100, description="
             item["neighbours"] = [neighbour_json(n, request.app.state.settings) for n in engine.search(r.embedding, k)]
         out.append(item)
     return _reply(engine, out)
+
+
+@router.post("/preview", summary="What the model sees: its input for one image, as a grey PNG", openapi_extra=IMAGE_BODY,
+             responses={200: {"content": {"image/png": {}}, "description": "the letterboxed model input"},
+                        **ERROR_REPLIES}, response_class=Response)
+async def preview(request: Request):
+    files = await read_files(request)
+    if len(files) > 1:
+        raise HTTPProblem(400, "one_file_only", f"/preview takes one image, not {len(files)}")
+    png = await _engine(request).preview(files[0][1])
+    return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
 
 
 def neighbour_json(n, settings) -> dict:

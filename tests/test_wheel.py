@@ -32,6 +32,8 @@ def test_wheel_holds_every_file_the_code_loads(wheel):
     assert needed and all(n in names for n in needed), sorted(set(needed) - names)
     for pkg in ("cxr_embed", "probes", "service"):
         assert f"{pkg}/__init__.py" in names
+    page = {f"service/static/{p.name}" for p in (ROOT / "service" / "static").iterdir()}
+    assert "service/static/index.html" in page and page <= names, sorted(page - names)
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry).decode()
     assert "[cxr_embed.commands]" in text and "probes.cli:register" in text and "service.cli:register" in text

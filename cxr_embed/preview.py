@@ -1,0 +1,38 @@
+"""What the model sees: the canonical input tensor of an image, turned back into a grey picture."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .ingest import MIN_SIDE, ImageSource, load_image
+from .preprocess import PreprocessConfig, preprocess
+
+
+def tensor_image(tensor: torch.Tensor, config: PreprocessConfig) -> Image.Image:
+    """A preprocessed input (3, S, S) or (S, S) un-normalised to an 8-bit grey image (mode "L")."""
+    grey = tensor[0] if tensor.ndim == 3 else tensor  # the three channels are copies of one
+    pixels = (grey.detach().float().cpu() * config.std + config.mean).clamp(0.0, 1.0)
+    return Image.fromarray(np.rint(pixels.numpy() * 255.0).astype(np.uint8), mode="L")
+
+
+def preview_image(source: ImageSource, config: PreprocessConfig = PreprocessConfig(),
+                  min_side: int = MIN_SIDE) -> Image.Image:
+    """The exact model input of `source` (decoded, letterboxed, normalised) as a grey image;
+    raises the same typed errors as `load_image`."""
+    return tensor_image(preprocess(load_image(source, min_side=min_side), config), config)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """`image` encoded as PNG."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def preview_png(source: ImageSource, config: PreprocessConfig = PreprocessConfig(), min_side: int = MIN_SIDE) -> bytes:
+    """`preview_image` as PNG bytes."""
+    return png_bytes(preview_image(source, config, min_side))
