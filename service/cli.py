@@ -88,8 +88,12 @@ def _cmd_listen(args) -> int:
     from .listener import ListenerSettings, run_listener
     from .settings import ServiceSettings
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO/DEBUG lines name UIDs and dump headers
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("cxr_embed").setLevel(logging.INFO)  # counts and statuses
+    # pynetdicom's INFO/DEBUG lines name UIDs and dump headers; pydicom logs decoder tracebacks for each
+    # undecodable instance, which the listener already answers and records with a typed reason
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     service = ServiceSettings.from_env(model=args.model, probes=args.probes, device=args.device,
                                        image_check=args.image_check)
     settings = ListenerSettings(out=args.out, service=service, host=args.host, port=args.port, ae_title=args.ae_title,
