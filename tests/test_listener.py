@@ -200,3 +200,33 @@ def test_no_patient_data_in_store_or_log(session):
         assert marker not in session["log"]
     assert "PatientName" not in meta_text and "PatientID" not in meta_text
     assert session["marked_uid"] not in session["log"]  # the log holds counts and statuses, not UIDs
+
+
+def test_listener_starts_and_stops_in_process(tmp_path):
+    """The class the command wraps: port 0 picks a free port; stop commits and reports."""
+    from service.listener import Listener, ListenerSettings
+    from service.settings import ServiceSettings
+
+    settings = ListenerSettings(out=tmp_path / "s.h5", service=ServiceSettings.build(model=MODEL), port=0)
+    with Listener(settings) as listener:
+        echo = _run(["echoscu", "127.0.0.1", str(listener.port), "-v"], timeout=60)
+        assert "Received Echo Response (Status: 0x0000 - Success)" in echo.stdout + echo.stderr
+    summary = listener.summary()
+    assert summary.received == 0 and summary.statuses == {}
+    store = Store(tmp_path / "s.h5")  # created empty at start, pinned to the model
+    assert len(store) == 0 and store.model_name == MODEL
+
+
+def test_each_error_gets_its_status():
+    from cxr_embed.errors import ImageTooSmall, NoPixelData, TruncatedImage
+    from service.dimse import (CANNOT_UNDERSTAND, DOES_NOT_MATCH_SOP_CLASS, OUT_OF_RESOURCES, PROCESSING_FAILURE,
+                               UNDECODABLE, InstanceTooLarge, SopMismatch, reason_of, status_dataset, status_of)
+
+    assert status_of(SopMismatch("x")) == status_of(NoPixelData("x")) == DOES_NOT_MATCH_SOP_CLASS
+    assert status_of(TruncatedImage("x")) == UNDECODABLE
+    assert status_of(ImageTooSmall("x")) == CANNOT_UNDERSTAND
+    assert status_of(InstanceTooLarge("x")) == OUT_OF_RESOURCES
+    assert status_of(KeyError("PatientName")) == PROCESSING_FAILURE
+    assert reason_of(KeyError("ZZQ secret")) == "internal_error: KeyError"  # untyped messages are not repeated
+    assert len(status_dataset(UNDECODABLE, "y" * 100).ErrorComment) == 64
+    assert "ErrorComment" not in status_dataset(0x0000, "ignored")
