@@ -1,4 +1,4 @@
-"""`cxr-embed serve`, registered through the entry-point group `cxr_embed.commands`."""
+"""`cxr-embed serve` and `cxr-embed listen`, registered through the entry-point group `cxr_embed.commands`."""
 
 from __future__ import annotations
 
@@ -24,6 +24,23 @@ def register(sub) -> None:
     p.add_argument("--log-format", default=None, choices=["text", "json"],
                    help="text, or JSON lines with request ids (CXR_EMBED_LOG_FORMAT; default text)")
     p.set_defaults(func=_cmd_serve)
+    _add_listen(sub)
+
+
+def _add_listen(sub) -> None:
+    p = sub.add_parser("listen", help="run a DICOM Storage SCP (C-STORE, C-ECHO) that embeds CR/DX instances into a store")
+    p.add_argument("--out", required=True, help="the HDF5 store to create or extend (ids: SOP Instance UIDs)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    p.add_argument("--port", type=int, default=11112, help="port (default %(default)s)")
+    p.add_argument("--ae-title", default="CXREMBED", help="this SCP's AE title (default %(default)s)")
+    p.add_argument("--require-called-aet", action="store_true", help="refuse associations addressed to another AE title")
+    p.add_argument("--max-associations", type=int, default=8, help="associations at a time (default %(default)s)")
+    p.add_argument("--model", default=None, help="model name or checkpoint (CXR_EMBED_MODEL; default: shipped model)")
+    p.add_argument("--probes", default=None, help="folder of saved probes (*.json) or one probe file (CXR_EMBED_PROBES)")
+    p.add_argument("--device", default=None, help="cpu, cuda ... (CXR_EMBED_DEVICE; default auto)")
+    p.add_argument("--image-check", default=None, choices=["auto", "always", "never"],
+                   help="is-it-a-frontal-CXR check by the image, as for serve (CXR_EMBED_IMAGE_CHECK; default auto)")
+    p.set_defaults(func=_cmd_listen)
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -67,4 +84,24 @@ def _cmd_serve(args) -> int:
     except ValueError:
         raise ConfigError(f"CXR_EMBED_PORT={raw_port!r} is not a port number") from None
     serve(settings, host, port, args.log_level)
+    return 0
+
+
+def _cmd_listen(args) -> int:
+    import logging
+
+    from .listener import ListenerSettings, run_listener
+    from .settings import ServiceSettings
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("cxr_embed").setLevel(logging.INFO)  # counts and statuses
+    # pynetdicom's INFO/DEBUG lines name UIDs and dump headers; pydicom logs decoder tracebacks for each
+    # undecodable instance, which the listener already answers and records with a typed reason
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    service = ServiceSettings.from_env(model=args.model, probes=args.probes, device=args.device,
+                                       image_check=args.image_check)
+    settings = ListenerSettings(out=args.out, service=service, host=args.host, port=args.port, ae_title=args.ae_title,
+                                require_called_aet=args.require_called_aet, max_associations=args.max_associations)
+    print(run_listener(settings).text(), flush=True)
     return 0

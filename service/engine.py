@@ -224,6 +224,18 @@ class Engine:
         return await asyncio.get_running_loop().run_in_executor(
             self.runtime.decode_pool, preview_png, data, config, min_side)
 
+    def prepare(self, data: bytes) -> Prepared:
+        """Decode and preprocess one input in the runtime's decoding pool, from any thread (the batcher
+        knows it is on its way and waits for it)."""
+        return self.runtime.decode_pool.submit(self._prepare, data).result()
+
+    def submit(self, prepared: Prepared) -> Future:
+        """Queue one prepared input for the batcher: a future of (embedding, check embedding or None).
+        Raises NotReady before `load`, QueueFull when the queue is full."""
+        if not self.ready:
+            raise NotReady("the model is still loading")
+        return self._enqueue([(None, prepared)])[0][1]
+
     def _prepare(self, data: bytes) -> Prepared:
         with self._lock:
             self._decoding += 1

@@ -1,0 +1,318 @@
+"""`cxr-embed listen`: a DICOM Storage SCP (pynetdicom) that embeds, scores and stores each radiograph.
+
+An AE plus two handlers: C-ECHO answers success; C-STORE turns one instance into a stored, scored
+embedding or a failure status with a reason (`dimse.py`). Threads:
+- pynetdicom runs each association in its own thread; its C-STORE handler reads the header, decodes
+  and preprocesses (in the runtime's decoding pool), queues the image for the model and waits;
+- the service's engine (`engine.py`) runs the model in its one batcher thread, batching images of
+  concurrent associations;
+- one commit thread owns the store (`commits.py`): an instance is acknowledged (0x0000) only after
+  the commit that holds it, and concurrent associations share commits.
+Every received instance is answered: stored, or recorded in the store's failures (`StoreWriter.fail`)
+and refused with a status. Only CR and DX SOP classes are negotiated: a CT is refused at association
+negotiation, before it is sent. Neither the store's metadata nor the log holds patient names, ids or
+dates: metadata comes from an allowlist of tags (`HEADER_TAGS`), the log holds counts and statuses.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+
+from cxr_embed.errors import ConfigError, CxrEmbedError
+from cxr_embed.store import StoreWriter
+from probes.scoring import score_embedding
+
+from .commits import GroupCommitter, Record
+from .dimse import (PROCESSING_FAILURE, RADIOGRAPH_SOP_CLASSES, SUCCESS, VERIFICATION_SOP_CLASS, InstanceTooLarge, NonFiniteEmbedding,
+                    ShuttingDown, SopMismatch, Timeout, UnreadableDataset, decodable_transfer_syntaxes, reason_of,
+                    status_dataset, status_of)
+from .engine import Engine
+from .settings import ServiceSettings
+
+log = logging.getLogger("cxr_embed.listener")
+
+# What an instance's metadata keeps of its header: acquisition facts, never patient or date tags.
+HEADER_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "Modality", "BodyPartExamined", "ViewPosition",
+               "PresentationIntentType", "ImageLaterality", "PhotometricInterpretation", "Rows", "Columns",
+               "BitsStored", "NumberOfFrames")
+
+
+def _service_settings() -> ServiceSettings:
+    return ServiceSettings.from_env()
+
+
+@dataclass
+class ListenerSettings:
+    """Where to listen and store, and the limits; model, probes and batching are the service's
+    (`ServiceSettings`, CXR_EMBED_* variables included)."""
+
+    out: str | os.PathLike  # the HDF5 store (created or extended; ids are SOP Instance UIDs)
+    service: ServiceSettings = field(default_factory=_service_settings)
+    host: str = "127.0.0.1"
+    port: int = 11112  # 0: any free port (Listener.port tells which)
+    ae_title: str = "CXREMBED"
+    require_called_aet: bool = False  # refuse associations addressed to another AE title
+    # each association has one C-STORE in flight at a time, so this bounds the memory held by
+    # received instances (max_associations x max_instance_bytes) and keeps the engine's queue from filling
+    max_associations: int = 8
+    max_instance_bytes: int = 64 * 2**20
+    max_pixels: int = 50_000_000  # rows x columns x frames x samples, checked before decoding
+    wait_s: float = 120.0  # longest a handler waits for the model, then for the commit
+    stop_grace_s: float = 5.0  # on stop, how long open associations may go on before they are aborted
+
+    def __post_init__(self):
+        for name in ("max_associations", "max_instance_bytes", "max_pixels"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)!r}")
+        if not 0 < len(self.ae_title.strip()) <= 16:
+            raise ConfigError(f"AE title {self.ae_title!r}: 1 to 16 characters")
+
+
+@dataclass
+class ListenerSummary:
+    received: int
+    statuses: dict  # "0x0000" -> count
+    commits: int
+    seconds: float
+
+    def text(self) -> str:
+        by = ", ".join(f"{k}: {v}" for k, v in sorted(self.statuses.items())) or "none"
+        return (f"listener stopped after {self.seconds:.0f} s: {self.received} instance(s) received "
+                f"(statuses {by}); {self.commits} commit(s)")
+
+
+def read_header(data: bytes) -> Dataset:
+    """The data set without its pixel data; UnreadableDataset when it does not parse."""
+    try:
+        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    except Exception as exc:  # pydicom raises many kinds on malformed elements; its messages may quote values
+        raise UnreadableDataset(f"the data set cannot be decoded ({type(exc).__name__})") from None
+
+
+def check_header(ds: Dataset, sop_class: str, sop_instance: str, max_pixels: int) -> None:
+    """Refuse a data set that is not what the request announced, or too many pixels to decode."""
+    if str(ds.get("SOPClassUID", "")) != str(sop_class):
+        raise SopMismatch("the data set's SOP Class UID is not the request's")
+    if str(ds.get("SOPInstanceUID", "")) != str(sop_instance):
+        raise SopMismatch("the data set's SOP Instance UID is not the request's")
+    try:
+        dims = [int(ds.get(k, 1) or 1) for k in ("Rows", "Columns", "NumberOfFrames", "SamplesPerPixel")]
+    except (TypeError, ValueError):
+        raise UnreadableDataset("Rows, Columns, Number of Frames or Samples per Pixel is not a number") from None
+    if int(np.prod(dims, dtype=np.int64)) > max_pixels:
+        raise InstanceTooLarge(f"{dims[0]}x{dims[1]} pixels x {dims[2]} frame(s) x {dims[3]} sample(s): "
+                               f"more than the limit of {max_pixels}")
+
+
+def header_metadata(ds: Dataset) -> dict:
+    """The allowlisted header tags, and the transfer syntax it came in."""
+    out = {}
+    for keyword in HEADER_TAGS:
+        value = ds.get(keyword)
+        if value is not None and value != "":
+            out[keyword] = int(value) if isinstance(value, int) else str(value)
+    tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if tsyntax is not None:
+        out["TransferSyntaxUID"] = str(tsyntax)
+    return out
+
+
+class Listener:
+    """The Storage SCP: `start()` loads the model and listens, `stop()` finishes what was received,
+    commits and stops. Also a context manager. `port` is the port it listens on."""
+
+    def __init__(self, settings: ListenerSettings):
+        self.settings = settings
+        self.engine: Engine | None = None
+        self.committer: GroupCommitter | None = None
+        self.port: int | None = None
+        self.statuses: Counter = Counter()
+        self._ae = self._server = None
+        self._lock = threading.Condition()
+        self._in_handlers = 0
+        self._started = time.monotonic()
+
+    def __enter__(self) -> "Listener":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> "Listener":
+        """Load the model and probes (ModelMismatch for a probe or store of another model), open the
+        store, then listen."""
+        engine = Engine(self.settings.service)
+        try:
+            engine.load()
+            self.committer = GroupCommitter(StoreWriter(Path(self.settings.out), engine.runtime.identity))
+        except BaseException:
+            engine.close()
+            raise
+        self.engine = engine
+        self._ae = self._build_ae()
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, _on_echo)]
+        try:
+            self._server = self._ae.start_server((self.settings.host, self.settings.port), block=False,
+                                                 evt_handlers=handlers)
+        except OSError as exc:
+            self.stop()
+            raise CxrEmbedError(f"cannot listen on {self.settings.host}:{self.settings.port}: "
+                                f"{exc.strerror or exc}") from None
+        self.port = self._server.server_address[1]
+        self._started = time.monotonic()
+        log.info("listening on %s:%d as %s (%d probe(s), model %s)", self.settings.host, self.port,
+                 self.settings.ae_title, len(engine.probes), engine.runtime.identity.model_name)
+        return self
+
+    def _build_ae(self) -> AE:
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.maximum_associations = int(self.settings.max_associations)
+        ae.require_called_aet = bool(self.settings.require_called_aet)
+        syntaxes = decodable_transfer_syntaxes()
+        for sop_class in RADIOGRAPH_SOP_CLASSES:
+            ae.add_supported_context(sop_class, syntaxes)
+        ae.add_supported_context(VERIFICATION_SOP_CLASS)
+        return ae
+
+    def stop(self) -> ListenerSummary:
+        """Refuse new associations, let open ones go on for `stop_grace_s`, abort the rest, wait for
+        the instances being handled, commit, and stop the model."""
+        if self._server is not None:
+            self._server.shutdown()
+            deadline = time.monotonic() + self.settings.stop_grace_s
+            while self._ae.active_associations and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self._ae.shutdown()  # aborts what is left
+            self._server = None
+        with self._lock:  # handlers already running get their answer (or their commit) first
+            self._lock.wait_for(lambda: self._in_handlers == 0, timeout=2 * self.settings.wait_s)
+        if self.committer is not None:
+            self.committer.close()
+        if self.engine is not None:
+            self.engine.close()
+        summary = self.summary()
+        log.info("%s", summary.text())
+        return summary
+
+    def summary(self) -> ListenerSummary:
+        with self._lock:
+            statuses = {f"0x{k:04X}": v for k, v in self.statuses.items()}
+        return ListenerSummary(sum(statuses.values()), statuses, self.committer.commits if self.committer else 0,
+                               time.monotonic() - self._started)
+
+    # --- the C-STORE handler (pynetdicom's association threads) -------------------------------------
+
+    def _on_store(self, event) -> Dataset:
+        """One received instance -> stored, scored embedding (0x0000), or a recorded failure and its status."""
+        with self._lock:
+            self._in_handlers += 1
+        status = PROCESSING_FAILURE
+        try:
+            status, reason = self._handle(event)
+            return status_dataset(status, reason)
+        finally:
+            with self._lock:
+                self._in_handlers -= 1
+                self.statuses[status] += 1
+                self._lock.notify_all()
+
+    def _handle(self, event) -> tuple[int, str | None]:
+        image_id = str(event.request.AffectedSOPInstanceUID)
+        error = None
+        try:
+            record = self._embed(event, image_id)
+        except Exception as exc:  # typed errors get their status; anything else is our failure, never a crash
+            error, record = exc, Record(image_id, error=reason_of(exc))
+        status, reason = self._commit(record, error)
+        self._log(status, reason, record)
+        return status, reason
+
+    def _embed(self, event, image_id: str) -> Record:
+        data = event.encoded_dataset(include_meta=True)
+        if len(data) > self.settings.max_instance_bytes:
+            raise InstanceTooLarge(f"{len(data)} bytes: more than the limit of {self.settings.max_instance_bytes}")
+        header = read_header(data)
+        check_header(header, event.request.AffectedSOPClassUID, image_id, self.settings.max_pixels)
+        prepared = self.engine.prepare(data)
+        if prepared.error is not None:
+            raise prepared.error
+        try:
+            emb, check_emb = self.engine.submit(prepared).result(timeout=self.settings.wait_s)
+        except FutureTimeout:
+            raise Timeout(f"the model did not answer within {self.settings.wait_s:g} s") from None
+        emb = np.asarray(emb, dtype=np.float32)
+        if not np.isfinite(emb).all():
+            raise NonFiniteEmbedding("the model gave a non-finite embedding")
+        chest = self.engine.runtime.chest_check(prepared.info, check_emb)
+        scores = score_embedding(self.engine.probes, emb, reliable=chest.is_frontal_cxr)
+        meta = {"dicom": header_metadata(header), "findings": prepared.info.to_dict(), "chest_check": chest.to_dict(),
+                "scores": scores, "calling_ae_title": str(event.assoc.requestor.ae_title).strip()}
+        return Record(image_id, emb, meta)
+
+    def _commit(self, record: Record, error: Exception | None) -> tuple[int, str | None]:
+        """Hand the record to the commit thread and wait for the commit that holds it."""
+        try:
+            self.committer.submit(record).result(timeout=self.settings.wait_s)
+        except ShuttingDown as exc:
+            return status_of(exc), reason_of(exc)
+        except FutureTimeout:
+            return status_of(Timeout()), f"timeout: the store did not commit within {self.settings.wait_s:g} s"
+        except Exception as exc:  # the commit failed: not stored
+            return status_of(exc), f"store_error: {reason_of(exc)}"
+        return (SUCCESS, None) if error is None else (status_of(error), record.error)
+
+    def _log(self, status: int, reason: str | None, record: Record) -> None:
+        # counts and statuses only: no UIDs, no tags, no scores
+        if status == SUCCESS:
+            scores = record.metadata.get("scores", {})
+            positives = sum(1 for s in scores.values() if s.get("positive"))
+            frontal = record.metadata.get("chest_check", {}).get("is_frontal_cxr")
+            log.info("C-STORE 0x0000 stored (frontal CXR: %s; probes positive: %d of %d)", frontal, positives,
+                     len(scores))
+        else:
+            log.warning("C-STORE 0x%04X refused: %s", status, (reason or "").split(":", 1)[0])
+
+
+def _on_echo(event) -> int:
+    """C-ECHO (verification): the listener is up."""
+    return SUCCESS
+
+
+def run_listener(settings: ListenerSettings, stop: threading.Event | None = None) -> ListenerSummary:
+    """Listen until `stop` is set, or SIGINT / SIGTERM (in the main thread); then commit and return.
+    Raises CxrEmbedError when the port is busy or the model, probes or store cannot be used."""
+    from cxr_embed.process import configure_process
+
+    from .cli import check_port_free
+
+    check_port_free(settings.host, settings.port)
+    configure_process(blas_threads=1)
+    stop = stop or threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    try:
+        listener = Listener(settings).start()
+        print(f"listening for DICOM on {settings.host}:{listener.port} as AE {settings.ae_title}; "
+              f"storing into {settings.out}", flush=True)
+        while not stop.wait(0.5):
+            pass
+        return listener.stop()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

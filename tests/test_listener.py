@@ -1,0 +1,232 @@
+"""The DICOM listener: `cxr-embed listen` in a subprocess on 127.0.0.1, fed by pynetdicom's storescu and
+echoscu (other processes) and by a pynetdicom script for data sets storescu will not send."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from cxr_embed import Store
+from cxr_embed.models import create_model
+from probes import save_probe, train_probe
+
+MODEL = "imagenet-effnet-lite0"
+MARKERS = ("ZZQMARKERNAME", "ZZQMARKERID77", "19011231")  # PatientName, PatientID, PatientBirthDate of a copy
+SUCCESS = "Received Store Response (Status: 0x0000 - Success)"
+
+# Data sets storescu would not send: sent with pynetdicom's API; prints {name: [status, comment]} and
+# whether the CT context was rejected at negotiation.
+SENDER = r"""
+import json, sys
+import pydicom
+from pynetdicom import AE
+from pydicom.uid import CTImageStorage, ComputedRadiographyImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless
+port, *paths = sys.argv[1:]
+ae = AE(ae_title="TESTSCU")
+for tsyntax in (ExplicitVRLittleEndian, JPEG2000Lossless):  # one context each: the SCP picks one syntax per context
+    ae.add_requested_context(ComputedRadiographyImageStorage, tsyntax)
+ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+assoc = ae.associate("127.0.0.1", int(port), ae_title="CXREMBED")
+assert assoc.is_established
+out = {"ct_accepted": any(c.abstract_syntax == CTImageStorage for c in assoc.accepted_contexts)}
+for path in paths:
+    rsp = assoc.send_c_store(pydicom.dcmread(path))
+    out[path] = [int(rsp.Status), str(rsp.get("ErrorComment", ""))]
+assoc.release()
+print(json.dumps(out))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _copy(src, dst, **changes):
+    ds = pydicom.dcmread(src)
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    ds.save_as(dst)
+    return dst, ds.SOPInstanceUID
+
+
+def _bad_files(dcm_dir, tmp):
+    """Data sets the listener must refuse, each with the status it must give."""
+    truncated, uid1 = _copy(dcm_dir / "RG1_UNCR.dcm", tmp / "truncated.dcm")
+    ds = pydicom.dcmread(truncated)
+    ds.PixelData = ds.PixelData[:1000]
+    ds.save_as(truncated)
+    j2k, uid2 = _copy(dcm_dir / "RG1_J2KR.dcm", tmp / "garbage_j2k.dcm")
+    ds = pydicom.dcmread(j2k)
+    rng = np.random.default_rng(0)
+    ds.PixelData = pydicom.encaps.encapsulate([b"\xff\x4f\xff\x51" + rng.bytes(4000)])
+    ds.save_as(j2k)
+    small, uid3 = _copy(dcm_dir / "RG1_UNCR.dcm", tmp / "small.dcm")
+    ds = pydicom.dcmread(small)
+    ds.Rows = ds.Columns = 64
+    ds.PixelData = np.zeros((64, 64), np.uint16).tobytes()
+    ds.save_as(small)
+    return {str(truncated): (uid1, 0xC210), str(j2k): (uid2, 0xC210), str(small): (uid3, 0xC000)}
+
+
+def _probe_dir(tmp):
+    identity = create_model(MODEL).identity
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(40, identity.dim)).astype(np.float32)
+    d = tmp / "probes"
+    d.mkdir()
+    save_probe(train_probe(X, np.arange(40) % 2, kind="linear", identity=identity), d / "demo.json")
+    return d
+
+
+def _run(args, timeout=180):
+    return subprocess.run([sys.executable, "-m", "pynetdicom", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _start(tmp, port, probes):
+    log = open(tmp / "listener.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "cxr_embed", "listen", "--port", str(port), "--out",
+                             str(tmp / "s.h5"), "--model", MODEL, "--probes", str(probes)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while b"listening for DICOM" not in (tmp / "listener.log").read_bytes():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise RuntimeError("listener did not start: " + (tmp / "listener.log").read_text()[-3000:])
+        time.sleep(0.3)
+    return proc, log
+
+
+@pytest.fixture(scope="module")
+def session(dcm_dir, tmp_path_factory):
+    """Everything sent once to one listener, which is then stopped with SIGTERM."""
+    tmp = tmp_path_factory.mktemp("listener")
+    port = _free_port()
+    marked, marked_uid = _copy(dcm_dir / "RG1_UNCR.dcm", tmp / "marked.dcm", PatientName=MARKERS[0] + "^PAT",
+                               PatientID=MARKERS[1], PatientBirthDate=MARKERS[2])
+    garbage = tmp / "garbage.dcm"
+    garbage.write_bytes(np.random.default_rng(1).bytes(5000))
+    bad = _bad_files(dcm_dir, tmp)
+    (tmp / "sender.py").write_text(SENDER)
+    proc, log = _start(tmp, port, _probe_dir(tmp))
+    try:
+        good = [dcm_dir / f for f in ("RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm", "RG3_UNCR.dcm")] + [marked]
+        out = {
+            "store": _run(["storescu", "127.0.0.1", str(port), "-aec", "CXREMBED", "-cx", "-v",
+                           *map(str, good), str(garbage)]),
+            "ct": _run(["storescu", "127.0.0.1", str(port), "-cx", "-v", get_testdata_file("CT_small.dcm")]),
+            "echo": _run(["echoscu", "127.0.0.1", str(port), "-v"]),
+            "api": subprocess.run([sys.executable, str(tmp / "sender.py"), str(port), *bad], capture_output=True,
+                                  text=True, timeout=180),
+        }
+        proc.send_signal(signal.SIGTERM)
+        out["rc"] = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    out.update(tmp=tmp, good=good, marked_uid=marked_uid, bad=bad, log=(tmp / "listener.log").read_text())
+    return out
+
+
+def test_radiographs_are_acknowledged_after_storing(session):
+    text = session["store"].stdout + session["store"].stderr
+    assert text.count(SUCCESS) == 5, text[-3000:]
+    assert "Bad DICOM file" in text and "garbage.dcm" in text  # storescu itself will not send it
+
+
+def test_ct_is_refused_at_negotiation(session):
+    text = session["ct"].stdout + session["ct"].stderr
+    assert "No accepted presentation contexts" in text, text[-2000:]  # the CT was its only context
+    assert "Received Store Response" not in text
+    assert json.loads(session["api"].stdout)["ct_accepted"] is False
+
+
+def test_echo(session):
+    assert session["echo"].returncode == 0
+    assert "Received Echo Response (Status: 0x0000 - Success)" in session["echo"].stdout + session["echo"].stderr
+
+
+def test_undecodable_and_unusable_instances_get_failure_statuses(session):
+    assert session["api"].returncode == 0, session["api"].stderr[-2000:]
+    answers = json.loads(session["api"].stdout)
+    for path, (uid, status) in session["bad"].items():
+        got, comment = answers[path]
+        assert got == status, (path, hex(got), comment)
+        assert comment and len(comment) <= 64
+
+
+def test_sigterm_commits_and_exits_cleanly(session):
+    assert session["rc"] == 0, session["log"][-3000:]
+    assert "listener stopped" in session["log"]
+    assert "Traceback" not in session["log"]
+
+
+def test_store_holds_every_instance_or_its_failure(session):
+    store = Store(session["tmp"] / "s.h5")
+    sent = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in session["good"]}
+    assert set(store.ids) == set(sent)
+    assert np.isfinite(store.embeddings()).all()
+    for uid, path in sent.items():
+        meta, ds = store.metadata(uid), pydicom.dcmread(path, stop_before_pixels=True)
+        assert meta["dicom"]["StudyInstanceUID"] == ds.StudyInstanceUID
+        assert meta["dicom"]["TransferSyntaxUID"] == ds.file_meta.TransferSyntaxUID
+        assert set(meta["scores"]) == {"demo"}
+        assert meta["chest_check"]["is_frontal_cxr"] is (ds.BodyPartExamined == "CHEST"), meta["chest_check"]
+    failed = {uid: status for uid, status in session["bad"].values()}
+    assert set(store.failed) == set(failed)
+    assert store.failed[session["bad"][str(session["tmp"] / "small.dcm")][0]].startswith("image_too_small: ")
+
+
+def test_no_patient_data_in_store_or_log(session):
+    raw = (session["tmp"] / "s.h5").read_bytes()
+    store = Store(session["tmp"] / "s.h5")
+    meta_text = json.dumps(store.metadata(session["marked_uid"]))
+    for marker in MARKERS:
+        assert marker.encode() not in raw
+        assert marker not in meta_text
+        assert marker not in session["log"]
+    assert "PatientName" not in meta_text and "PatientID" not in meta_text
+    assert session["marked_uid"] not in session["log"]  # the log holds counts and statuses, not UIDs
+
+
+def test_listener_starts_and_stops_in_process(tmp_path):
+    """The class the command wraps: port 0 picks a free port; stop commits and reports."""
+    from service.listener import Listener, ListenerSettings
+    from service.settings import ServiceSettings
+
+    settings = ListenerSettings(out=tmp_path / "s.h5", service=ServiceSettings.build(model=MODEL), port=0)
+    with Listener(settings) as listener:
+        echo = _run(["echoscu", "127.0.0.1", str(listener.port), "-v"], timeout=60)
+        assert "Received Echo Response (Status: 0x0000 - Success)" in echo.stdout + echo.stderr
+    summary = listener.summary()
+    assert summary.received == 0 and summary.statuses == {}
+    store = Store(tmp_path / "s.h5")  # created empty at start, pinned to the model
+    assert len(store) == 0 and store.model_name == MODEL
+
+
+def test_each_error_gets_its_status():
+    from cxr_embed.errors import ImageTooSmall, NoPixelData, TruncatedImage
+    from service.dimse import (CANNOT_UNDERSTAND, DOES_NOT_MATCH_SOP_CLASS, OUT_OF_RESOURCES, PROCESSING_FAILURE,
+                               UNDECODABLE, InstanceTooLarge, SopMismatch, reason_of, status_dataset, status_of)
+
+    assert status_of(SopMismatch("x")) == status_of(NoPixelData("x")) == DOES_NOT_MATCH_SOP_CLASS
+    assert status_of(TruncatedImage("x")) == UNDECODABLE
+    assert status_of(ImageTooSmall("x")) == CANNOT_UNDERSTAND
+    assert status_of(InstanceTooLarge("x")) == OUT_OF_RESOURCES
+    assert status_of(KeyError("PatientName")) == PROCESSING_FAILURE
+    assert reason_of(KeyError("ZZQ secret")) == "internal_error: KeyError"  # untyped messages are not repeated
+    assert len(status_dataset(UNDECODABLE, "y" * 100).ErrorComment) == 64
+    assert "ErrorComment" not in status_dataset(0x0000, "ignored")
