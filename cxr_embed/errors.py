@@ -94,6 +94,42 @@ class StoreError(CxrEmbedError):
     code = "store_error"
 
 
+class StoreCorrupt(StoreError):
+    """A store or index whose bytes changed after they were written; nothing from it is returned as data."""
+
+    code = "store_corrupt"
+
+
+class StoreTooNew(StoreError):
+    """A store of a format version this cxr-embed does not know: a newer release wrote it."""
+
+    code = "store_too_new"
+
+
+class StoreWriteFailed(StoreError):
+    """A commit that could not be written (full disk, read-only folder...); the previous store is intact."""
+
+    code = "store_write_failed"
+
+
+class InvalidEmbedding(StoreError):
+    """An embedding a store refuses to hold: NaN/inf values or the wrong dimension."""
+
+    code = "invalid_embedding"
+
+
+class UnknownImageIds(StoreError):
+    """Ids asked for (e.g. to remove) that the store does not hold; nothing was changed."""
+
+    code = "unknown_image_ids"
+
+
+class StaleIndex(StoreError):
+    """A saved index built from another state of its store (images added or removed since)."""
+
+    code = "stale_index"
+
+
 class LabelError(CxrEmbedError, ValueError):
     """A label file or label array that cannot be used; the message names the row or class."""
 

@@ -1,36 +1,67 @@
 """The HDF5 embedding store.
 
-Layout (h5py):
-  /ids            (N,) utf-8 strings: the image id (path relative to the image root, or CSV value)
+Layout (h5py, format cxr-embed-store/2):
+  /ids            text column: the image id (path relative to the image root, or CSV value)
   /embeddings     (N, dim) float32, chunked, resizable
-  /metadata       (N,) utf-8 JSON: the CSV's other columns and what ingestion found
-  /failed/ids     (M,) utf-8 strings;  /failed/errors (M,) utf-8 "code: message"
-  attributes: format, model_name, weights_hash, preprocess_version, dim, created_at, updated_at
+  /metadata       text column: utf-8 JSON, the CSV's other columns and what ingestion found
+  /failed/ids, /failed/errors   text columns: failed image ids and their "code: message"
+  a text column is a group of two datasets: utf8 (all strings' bytes, uint8) and ends (N,) int64
+  attributes: format, model_name, weights_hash, preprocess_version, dim, created_at, updated_at,
+              checksum ("sha256:..." over every other attribute and the four text columns)
+
+Integrity: every dataset carries HDF5's fletcher32 filter (checked on every read), the file's own
+structure HDF5's metadata checksums (libver v110), and the text and attributes a SHA-256 checked
+whenever a Store opens. Text is not stored as variable-length strings: HDF5 cannot filter those,
+and a damaged global heap makes HDF5 loop or allocate without bound instead of failing.
+Any mismatch raises StoreCorrupt; damaged bytes are never returned as data. Stores of format /1
+(vlen strings, no checksums) still open, with an UncheckedStoreWarning; `upgrade_store` rewrites them.
 
 Crash safety: the file on disk is only ever replaced whole. A commit copies the current file to
 `STORE.h5.tmp`, appends there, fsyncs and renames it over the store (atomic on POSIX). A SIGKILL at
 any moment therefore leaves either the previous or the new complete store, and a batch is reported
-done only after the commit that holds it.
+done only after the commit that holds it. A commit that fails removes its temporary file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import h5py
 import numpy as np
 
-from .errors import ModelMismatch, StoreError
+from .errors import (
+    InvalidEmbedding,
+    ModelMismatch,
+    StoreCorrupt,
+    StoreError,
+    StoreTooNew,
+    StoreWriteFailed,
+    UnknownImageIds,
+)
 
-FORMAT = "cxr-embed-store/1"
+FORMAT_VERSION = 2
+FORMAT = f"cxr-embed-store/{FORMAT_VERSION}"
+LEGACY_FORMAT = "cxr-embed-store/1"  # written before checksums (up to f17ef0b)
 IDENTITY_KEYS = ("model_name", "weights_hash", "preprocess_version", "dim")
-_STR = h5py.string_dtype("utf-8")
+COLUMNS = ("ids", "metadata", "failed/ids", "failed/errors")
+_LIBVER = ("v110", "v110")  # object headers and chunk indexes with checksums; readable by HDF5 >= 1.10
+_BLOCK = 4096  # rows per read when a whole store is copied
+# what h5py raises on a damaged file: HDF5 errors (OSError, KeyError for a lost object), bad UTF-8
+_READ_ERRORS = (OSError, KeyError, ValueError, RuntimeError)
+
+
+class UncheckedStoreWarning(UserWarning):
+    """A store written before checksums: damage to it would go unnoticed until it is upgraded."""
 
 
 def _now() -> str:
@@ -52,6 +83,87 @@ def _decode(values) -> list[str]:
     return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
 
 
+def _corrupt(path: Path, detail: str) -> StoreCorrupt:
+    return StoreCorrupt(
+        f"store {path} is damaged ({detail}); nothing was read from it. Restore it from a backup, "
+        "or embed the images again into a new store"
+    )
+
+
+def _framed(items: Sequence[str]) -> bytes:
+    """Length-prefixed bytes, so that no two different lists hash alike."""
+    parts = [len(items).to_bytes(8, "little")]
+    for item in items:
+        b = item.encode("utf-8")
+        parts += (len(b).to_bytes(8, "little"), b)
+    return b"".join(parts)
+
+
+def content_checksum(attrs: dict, columns: dict[str, list[str]]) -> str:
+    """SHA-256 over a store's attributes (all but the checksum itself) and its string columns."""
+    h = hashlib.sha256(_framed([f"{k}\0{attrs[k]}" for k in sorted(attrs) if k != "checksum"]))
+    for name in COLUMNS:
+        h.update(_framed(columns[name]))
+    return "sha256:" + h.hexdigest()
+
+
+def _read_text(f: h5py.File, name: str) -> list[str]:
+    if isinstance(f[name], h5py.Dataset):  # format /1: variable-length strings
+        return _decode(f[name][:])
+    blob, ends = f[name]["utf8"][:].tobytes(), f[name]["ends"][:]
+    starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+    if len(ends) and (ends[-1] != len(blob) or (ends < starts).any()):
+        raise ValueError(f"text column {name} does not add up")
+    return [blob[a:b].decode("utf-8") for a, b in zip(starts.tolist(), ends.tolist())]
+
+
+def _append_text(f: h5py.File, name: str, values: Sequence[str]) -> None:
+    utf8, ends = f[name]["utf8"], f[name]["ends"]
+    if not values:
+        return
+    data = [v.encode("utf-8") for v in values]
+    n0, b0 = ends.shape[0], utf8.shape[0]
+    new_ends = b0 + np.cumsum([len(d) for d in data], dtype=np.int64)
+    utf8.resize((int(new_ends[-1]),))
+    utf8[b0:] = np.frombuffer(b"".join(data), np.uint8)
+    ends.resize((n0 + len(values),))
+    ends[n0:] = new_ends
+
+
+def _attr(value):
+    """An attribute as Python: fixed-length strings (format /2) come back from h5py as bytes."""
+    value = value.item() if hasattr(value, "item") else value
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def _set_attr(f: h5py.File, key: str, value) -> None:
+    # fixed-length, so that it lives in the checksummed object header, not in the global heap
+    f.attrs[key] = np.bytes_(value.encode("utf-8")) if isinstance(value, str) else value
+
+
+def _read_contents(f: h5py.File) -> tuple[dict, dict[str, list[str]]]:
+    attrs = {k: _attr(v) for k, v in f.attrs.items()}
+    return attrs, {name: _read_text(f, name) for name in COLUMNS}
+
+
+def _datasets(f: h5py.File) -> list[h5py.Dataset]:
+    found: list[h5py.Dataset] = []
+    f.visititems(lambda _, obj: found.append(obj) if isinstance(obj, h5py.Dataset) else None)
+    return found
+
+
+def _format_version(f: h5py.File, path: Path) -> int:
+    fmt = _attr(f.attrs.get("format"))
+    if fmt in (FORMAT, LEGACY_FORMAT):
+        return int(fmt.rsplit("/", 1)[1])
+    m = re.fullmatch(r"cxr-embed-store/(\d+)", str(fmt))
+    if m and int(m.group(1)) > FORMAT_VERSION:
+        raise StoreTooNew(f"store {path} has format {fmt}: it was written by a newer cxr-embed; upgrade cxr-embed to read it")
+    if "ids" in f and "embeddings" in f:
+        raise _corrupt(path, f"unreadable format attribute {fmt!r}")
+    raise StoreError(f"{path} is not a cxr-embed store (format {fmt!r})")
+
+
 class Store:
     """Read access to a store: ids, embeddings, metadata, failures and the model identity."""
 
@@ -61,15 +173,37 @@ class Store:
             raise StoreError(f"no store at {self.path}")
         try:
             with h5py.File(self.path, "r") as f:
-                if f.attrs.get("format") != FORMAT:
-                    raise StoreError(f"{self.path} is not a cxr-embed store (format {f.attrs.get('format')!r})")
-                self.attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
-                self.ids = _decode(f["ids"][:])
-                self._meta_raw = _decode(f["metadata"][:])
-                self.failed = dict(zip(_decode(f["failed/ids"][:]), _decode(f["failed/errors"][:])))
-        except OSError as exc:
-            raise StoreError(f"cannot open store {self.path}: {exc}") from exc
+                self.version = _format_version(f, self.path)
+                self.attrs, columns = _read_contents(f)
+                shape = f["embeddings"].shape
+                filtered = all(d.fletcher32 for d in _datasets(f))
+        except _READ_ERRORS as exc:
+            raise _corrupt(self.path, f"{type(exc).__name__}: {exc}") from exc
+        self.checksum = content_checksum(self.attrs, columns)
+        self._verify(columns, shape, filtered)
+        self.ids = columns["ids"]
+        self._meta_raw = columns["metadata"]
+        self.failed = dict(zip(columns["failed/ids"], columns["failed/errors"]))
         self._row = {i: n for n, i in enumerate(self.ids)}
+
+    def _verify(self, columns: dict[str, list[str]], shape: tuple, filtered: bool) -> None:
+        if self.version < FORMAT_VERSION:
+            warnings.warn(
+                f"store {self.path} ({self.attrs['format']}) carries no checksum: damage to it cannot be "
+                "detected. Rewrite it with cxr_embed.store.upgrade_store",
+                UncheckedStoreWarning, stacklevel=3,
+            )
+        elif self.attrs.get("checksum") != self.checksum:
+            raise _corrupt(self.path, "checksum mismatch: its ids, metadata, failures or attributes changed after writing")
+        elif not filtered:
+            raise _corrupt(self.path, "a dataset lost its fletcher32 checksum")
+        n = len(columns["ids"])
+        if any(k not in self.attrs for k in IDENTITY_KEYS) or shape != (n, int(self.attrs["dim"])):
+            raise _corrupt(self.path, f"{n} ids but embeddings of shape {shape}, or a missing model identity")
+        if len(columns["metadata"]) != n or len(columns["failed/ids"]) != len(columns["failed/errors"]):
+            raise _corrupt(self.path, "its columns have different lengths")
+        if len(set(columns["ids"])) != n:
+            raise _corrupt(self.path, "an image id is stored twice")
 
     @property
     def identity(self) -> dict:
@@ -97,16 +231,27 @@ class Store:
 
     def embeddings(self, rows: Sequence[int] | None = None) -> np.ndarray:
         """All embeddings, or those of `rows` (in the order given)."""
-        with h5py.File(self.path, "r") as f:
-            ds = f["embeddings"]
-            if rows is None:
-                return ds[:].astype(np.float32, copy=False)
+        if rows is not None:
             rows = np.asarray(rows, dtype=np.int64)
             if len(rows) == 0:
                 return np.zeros((0, self.dim), np.float32)
             # h5py reads a sorted, duplicate-free selection; restore the caller's order afterwards
             uniq, inverse = np.unique(rows, return_inverse=True)
-            return ds[uniq].astype(np.float32, copy=False)[inverse]
+        try:
+            with h5py.File(self.path, "r") as f:
+                ds = f["embeddings"]
+                return ds[:].astype(np.float32, copy=False) if rows is None else ds[uniq].astype(np.float32, copy=False)[inverse]
+        except _READ_ERRORS as exc:  # fletcher32 mismatch, or the file changed under us
+            raise _corrupt(self.path, f"embeddings unreadable: {exc}") from exc
+
+    def blocks(self, size: int = _BLOCK) -> Iterator[np.ndarray]:
+        """All embeddings in row order, `size` rows at a time (bounded memory for a large store)."""
+        try:
+            with h5py.File(self.path, "r") as f:
+                for start in range(0, len(self), size):
+                    yield f["embeddings"][start : start + size]
+        except _READ_ERRORS as exc:
+            raise _corrupt(self.path, f"embeddings unreadable: {exc}") from exc
 
     def get(self, ids: Iterable[str]) -> np.ndarray:
         return self.embeddings([self.row(i) for i in ids])
@@ -126,6 +271,7 @@ class Store:
             f"dimension:          {self.attrs['dim']}",
             f"created:            {self.attrs.get('created_at')}",
             f"updated:            {self.attrs.get('updated_at')}",
+            f"format:             {self.attrs['format']}" + ("" if self.version == FORMAT_VERSION else " (no checksum: upgrade it)"),
         ]
         if self.ids:
             keys = sorted(json.loads(self._meta_raw[0]).keys())
@@ -143,6 +289,105 @@ def check_identity(expected: dict, found: dict, what: str) -> None:
         raise ModelMismatch(f"{what} was made by a different model or preprocessing ({'; '.join(diffs)})")
 
 
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
+@contextmanager
+def atomic_replace(path: Path, what: str = "store") -> Iterator[Path]:
+    """Yields a temporary path beside `path` that atomically becomes `path` (fsync + rename) if the
+    block succeeds; on any failure the temporary file is removed and `path` is left as it was."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_quietly(tmp)  # left by a killed commit: never append to it
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        _remove_quietly(tmp)
+        if isinstance(exc, (OSError, RuntimeError)):  # h5py reports a failed flush or close as RuntimeError
+            raise StoreWriteFailed(
+                f"could not write {what} {path}: {exc}. The {what} is unchanged; free disk space or make "
+                "its folder writable, then run again"
+            ) from exc
+        raise
+    _fsync_dir(path.parent)
+
+
+def _open_reserved(path: Path, nbytes: int) -> h5py.File:
+    """Opens `path` for writing (created if absent) once disk space for `nbytes` more is claimed: a full
+    disk then fails here, cleanly, not inside HDF5 (a failed write leaves HDF5 with a file it cannot
+    close, and has crashed the process). HDF5 writes at its own end of data and, since the file was
+    longer when opened, truncates it to that end on close: the surplus is given back."""
+    if not path.exists():
+        h5py.File(path, "w", libver=_LIBVER).close()
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, int((os.fstat(fd).st_size + nbytes) * 1.25) + 2**20)
+    finally:
+        os.close(fd)
+    return h5py.File(path, "a", libver=_LIBVER)
+
+
+def _create_layout(f: h5py.File, identity: dict, created_at: str | None = None) -> None:
+    _set_attr(f, "format", FORMAT)
+    for k in IDENTITY_KEYS:
+        _set_attr(f, k, identity[k])
+    _set_attr(f, "created_at", created_at or _now())
+    dim = int(identity["dim"])
+    f.create_dataset(
+        "embeddings", (0, dim), maxshape=(None, dim), dtype="f4", fletcher32=True,
+        chunks=(max(1, min(256, 2**20 // (4 * dim))), dim),
+    )
+    for name in COLUMNS:
+        g = f.create_group(name)
+        g.create_dataset("utf8", (0,), maxshape=(None,), dtype="u1", chunks=(16384,), fletcher32=True)
+        g.create_dataset("ends", (0,), maxshape=(None,), dtype="i8", chunks=(1024,), fletcher32=True)
+
+
+def _append_rows(f: h5py.File, ids: list[str], meta: list[str], embs: list[np.ndarray] | np.ndarray) -> None:
+    n0, dim = f["embeddings"].shape
+    _append_text(f, "ids", ids)
+    _append_text(f, "metadata", meta)
+    if len(embs):
+        f["embeddings"].resize((n0 + len(embs), dim))
+        f["embeddings"][n0:] = np.stack(embs)
+
+
+def _write_failed(f: h5py.File, failed: dict[str, str]) -> None:
+    for name, values in (("failed/ids", list(failed)), ("failed/errors", list(failed.values()))):
+        for part in ("utf8", "ends"):
+            f[name][part].resize((0,))
+        _append_text(f, name, values)
+
+
+def _seal(f: h5py.File) -> None:
+    """Stamps the checksum over what the file now holds (read back, as Store will read it)."""
+    _set_attr(f, "updated_at", _now())
+    f.flush()
+    attrs, columns = _read_contents(f)
+    _set_attr(f, "checksum", content_checksum(attrs, columns))
+
+
+def _rewrite(src: Store, dst: Path, drop: set[str] = frozenset()) -> None:
+    """Writes `src` without the rows and failures of `drop` into a fresh file at `dst` (current format)."""
+    keep = np.fromiter((i not in drop for i in src.ids), bool, len(src))
+    with _open_reserved(dst, src.path.stat().st_size) as f:
+        _create_layout(f, src.identity, src.attrs.get("created_at"))
+        for start, block in zip(range(0, len(src), _BLOCK), src.blocks(_BLOCK)):
+            rows = np.flatnonzero(keep[start : start + len(block)]) + start
+            if not np.isfinite(block).all():
+                raise _corrupt(src.path, f"non-finite embedding values near row {start}")
+            _append_rows(f, [src.ids[r] for r in rows], [src._meta_raw[r] for r in rows], block[rows - start])
+        _write_failed(f, {k: v for k, v in src.failed.items() if k not in drop})
+        _seal(f)
+
+
 @dataclass
 class StoreWriter:
     """Appends embeddings to a store with atomic commits. Refuses a store of another model."""
@@ -155,6 +400,7 @@ class StoreWriter:
     _failed: dict[str, str] = field(default_factory=dict)
     _done: set[str] = field(default_factory=set)
     _resolved: set[str] = field(default_factory=set)
+    _legacy: bool = False
 
     def __post_init__(self):
         self.path = Path(self.path)
@@ -166,6 +412,7 @@ class StoreWriter:
             check_identity(self.identity, existing.identity, f"store {self.path}")
             self._done = set(existing.ids)
             self.previous_failures = dict(existing.failed)
+            self._legacy = existing.version < FORMAT_VERSION  # the first commit rewrites it with checksums
         else:
             self.previous_failures = {}
 
@@ -178,66 +425,47 @@ class StoreWriter:
         return len(self._ids) + len(self._failed) + len(self._resolved)
 
     def add(self, image_id: str, embedding: np.ndarray, metadata: dict) -> None:
+        """Queues one image for the next commit; an id already stored is skipped."""
         if image_id in self._done:
             return
+        emb = np.asarray(embedding, dtype=np.float32)
+        if emb.shape != (int(self.identity["dim"]),):
+            raise InvalidEmbedding(f"embedding of {image_id!r} has shape {emb.shape}, store {self.path} holds ({self.identity['dim']},)")
+        if not np.isfinite(emb).all():
+            raise InvalidEmbedding(f"embedding of {image_id!r} holds NaN or infinite values; store {self.path} refuses it")
         self._ids.append(image_id)
-        self._embs.append(np.asarray(embedding, dtype=np.float32))
+        self._embs.append(emb)
         self._meta.append(json.dumps(metadata, sort_keys=True, default=str))
         self._done.add(image_id)
         if image_id in self.previous_failures:
             self._resolved.add(image_id)
+
+    def _rows(self):
+        return zip(self._ids, self._meta, self._embs)
 
     def fail(self, image_id: str, error: str) -> None:
         self._failed[image_id] = error
 
     def commit(self) -> None:
         """Make everything added so far durable (atomic replace). Cheap to call when nothing is pending."""
-        if not self.pending and self.path.exists():
+        if not self.pending and self.path.exists() and not self._legacy:
             return
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        if self.path.exists():
-            shutil.copyfile(self.path, tmp)
-            mode = "a"
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            mode = "w"
-        dim = int(self.identity["dim"])
-        with h5py.File(tmp, mode) as f:
-            if mode == "w":
-                f.attrs["format"] = FORMAT
-                for k in IDENTITY_KEYS:
-                    f.attrs[k] = self.identity[k]
-                f.attrs["created_at"] = _now()
-                f.create_dataset("ids", (0,), maxshape=(None,), dtype=_STR, chunks=(1024,))
-                f.create_dataset(
-                    "embeddings", (0, dim), maxshape=(None, dim), dtype="f4", chunks=(max(1, min(256, 2**20 // (4 * dim))), dim)
-                )
-                f.create_dataset("metadata", (0,), maxshape=(None,), dtype=_STR, chunks=(1024,))
-                g = f.create_group("failed")
-                g.create_dataset("ids", (0,), maxshape=(None,), dtype=_STR, chunks=(256,))
-                g.create_dataset("errors", (0,), maxshape=(None,), dtype=_STR, chunks=(256,))
-            n0, k = f["ids"].shape[0], len(self._ids)
-            if k:
-                for name in ("ids", "metadata"):
-                    f[name].resize((n0 + k,))
-                f["embeddings"].resize((n0 + k, dim))
-                f["ids"][n0:] = self._ids
-                f["metadata"][n0:] = self._meta
-                f["embeddings"][n0:] = np.stack(self._embs)
-            failed = dict(zip(_decode(f["failed/ids"][:]), _decode(f["failed/errors"][:])))
-            failed.update(self._failed)
-            for image_id in self._resolved:
-                failed.pop(image_id, None)
-            for name, values in (("ids", list(failed)), ("errors", list(failed.values()))):
-                f["failed"][name].resize((len(values),))
-                if values:
-                    f["failed"][name][:] = values
-            f.attrs["updated_at"] = _now()
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
-        self.previous_failures = failed
+        with atomic_replace(self.path) as tmp:
+            if self._legacy:
+                _rewrite(_open_unchecked(self.path), tmp)
+            elif self.path.exists():
+                shutil.copyfile(self.path, tmp)
+            with _open_reserved(tmp, sum(len(i) + len(m) + 4 * len(e) for i, m, e in self._rows())) as f:
+                if "ids" not in f:
+                    _create_layout(f, self.identity)
+                _append_rows(f, self._ids, self._meta, self._embs)
+                failed = dict(zip(_read_text(f, "failed/ids"), _read_text(f, "failed/errors")))
+                failed.update(self._failed)
+                for image_id in self._resolved:
+                    failed.pop(image_id, None)
+                _write_failed(f, failed)
+                _seal(f)
+        self.previous_failures, self._legacy = failed, False
         self._ids, self._embs, self._meta, self._failed, self._resolved = [], [], [], {}, set()
 
 
@@ -258,3 +486,50 @@ def merge_stores(inputs: Sequence[str | os.PathLike], out: str | os.PathLike) ->
                 writer.fail(image_id, err)
         writer.commit()
     return Store(out)
+
+
+def _open_unchecked(path: str | os.PathLike) -> Store:
+    """Opens a store about to be rewritten in the current format: no warning that it has no checksum."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UncheckedStoreWarning)
+        return Store(path)
+
+
+def upgrade_store(path: str | os.PathLike) -> Path:
+    """Rewrites a store of an older format (no checksums) in the current one, atomically; a current store is left as is."""
+    store = _open_unchecked(path)
+    if store.version < FORMAT_VERSION:
+        with atomic_replace(store.path) as tmp:
+            _rewrite(store, tmp)
+    return store.path
+
+
+@dataclass
+class RemovalReport:
+    """What `remove_images` took out of a store, and the store's new checksum."""
+
+    path: Path
+    removed: list[str]  # ids whose embedding and metadata are gone
+    removed_failures: list[str]  # ids whose failure record is gone
+    remaining: int
+    checksum: str
+
+
+def remove_images(path: str | os.PathLike, ids: Iterable[str]) -> RemovalReport:
+    """Removes images (embedding, metadata, failure record) for good: the file is rewritten without
+    them, since HDF5 never reclaims freed space. All ids must be known, else nothing is removed."""
+    store = Store(path)
+    drop = list(dict.fromkeys(ids))
+    unknown = [i for i in drop if i not in store and i not in store.failed]
+    if unknown:
+        examples = ", ".join(repr(i) for i in unknown[:5])
+        raise UnknownImageIds(
+            f"{len(unknown)} of the {len(drop)} id(s) to remove are not in store {store.path} (e.g. {examples}); nothing was removed"
+        )
+    removed = [i for i in drop if i in store]
+    removed_failures = [i for i in drop if i in store.failed]
+    if drop:
+        with atomic_replace(store.path) as tmp:
+            _rewrite(store, tmp, set(drop))
+        store = Store(store.path)
+    return RemovalReport(store.path, removed, removed_failures, len(store), store.checksum)
