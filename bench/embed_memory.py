@@ -29,12 +29,12 @@ def proc_mem_mb(pid: int) -> tuple[float, float]:
 def store_count(path: Path) -> int:
     if not path.exists():
         return 0
-    import h5py
+    from cxr_embed.errors import StoreError
+    from cxr_embed.store import Store
 
     try:
-        with h5py.File(path, "r") as f:
-            return int(f["ids"].shape[0])
-    except OSError:
+        return len(Store(path))
+    except StoreError:  # mid-commit or not yet written
         return -1
 
 

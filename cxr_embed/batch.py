@@ -12,7 +12,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .embedder import Embedder
-from .errors import InputError, LabelError
+from .errors import InputError, InvalidEmbedding, LabelError
 from .store import Store, StoreWriter
 
 IMAGE_SUFFIXES = {".dcm", ".dicom", ".png", ".jpg", ".jpeg"}
@@ -113,11 +113,15 @@ def embed_to_store(
     )
     try:
         for result in embedder.iter_embed((it.image_id, it.path) for it in todo):
-            if result.error is None:
-                writer.add(result.key, result.embedding, {**meta_of[result.key], "findings": result.info.to_dict()})
-                embedded += 1
-            else:
-                msg = f"{result.error.code}: {result.error}"
+            error = result.error
+            if error is None:
+                try:  # the writer refuses a non-finite embedding: a failure of this image, never data
+                    writer.add(result.key, result.embedding, {**meta_of[result.key], "findings": result.info.to_dict()})
+                    embedded += 1
+                except InvalidEmbedding as exc:
+                    error = exc
+            if error is not None:
+                msg = f"{error.code}: {error}"
                 writer.fail(result.key, msg)
                 failed[result.key] = msg
             bar.update(1)

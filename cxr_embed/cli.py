@@ -69,6 +69,44 @@ def _print_info(path: str) -> int:
     return 0
 
 
+def _add_store(sub) -> None:
+    p = sub.add_parser("store", help="maintain a store: remove images for good, upgrade an old format")
+    ops = p.add_subparsers(dest="store_command", required=True, metavar="ACTION")
+    rm = ops.add_parser("remove", help="remove images (embedding, metadata, failure record) from a store for good")
+    rm.add_argument("store", help="the store file (.h5)")
+    rm.add_argument("--ids", nargs="+", default=[], help="image ids to remove")
+    rm.add_argument("--ids-file", help="a text file of image ids, one per line")
+    rm.set_defaults(func=_cmd_store_remove)
+    up = ops.add_parser("upgrade", help="rewrite a store of an older format with checksums (in place, atomically)")
+    up.add_argument("store", help="the store file (.h5)")
+    up.set_defaults(func=lambda a: _cmd_store_upgrade(a.store))
+
+
+def _cmd_store_remove(args) -> int:
+    from .store import remove_images
+
+    ids = list(args.ids)
+    if args.ids_file:
+        try:
+            ids += [line.strip() for line in Path(args.ids_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CxrEmbedError(f"--ids-file {args.ids_file}: cannot read it ({exc})") from None
+    if not ids:
+        raise CxrEmbedError("name the images to remove with --ids or --ids-file")
+    report = remove_images(args.store, ids)
+    print(f"{report.path}: removed {len(report.removed)} image(s) and {len(report.removed_failures)} failure record(s); "
+          f"{report.remaining} remain. The file was rewritten without them; rebuild any index saved from it, "
+          "and remove copies and shard stores yourself")
+    return 0
+
+
+def _cmd_store_upgrade(path: str) -> int:
+    from .store import upgrade_store
+
+    print(f"{upgrade_store(path)}: in the current format, with checksums")
+    return 0
+
+
 def _add_merge(sub) -> None:
     p = sub.add_parser("merge", help="merge shard stores (e.g. from torchrun) into one store")
     p.add_argument("--out", required=True)
@@ -197,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_embed(sub)
     _add_info(sub)
+    _add_store(sub)
     _add_merge(sub)
     _add_models(sub)
     _add_pretrain(sub)

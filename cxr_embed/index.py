@@ -91,7 +91,7 @@ class EmbeddingIndex:
         index = faiss.IndexFlatIP(embs.shape[1])
         index.add(embs)
         metadata = [store.metadata(n) for n in range(len(store))]
-        return cls(index, list(store.ids), store.identity, metadata, store.checksum)
+        return cls(index, list(store.ids), dict(store.identity), metadata, store.checksum)
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes PATH (faiss) and PATH.json (ids, identity, metadata, checksums), each replaced atomically."""

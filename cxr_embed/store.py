@@ -39,6 +39,7 @@ from typing import Iterable, Iterator, Sequence
 import h5py
 import numpy as np
 
+from .identity import ModelIdentity
 from .errors import (
     InvalidEmbedding,
     ModelMismatch,
@@ -206,8 +207,8 @@ class Store:
             raise _corrupt(self.path, "an image id is stored twice")
 
     @property
-    def identity(self) -> dict:
-        return {k: self.attrs[k] for k in IDENTITY_KEYS}
+    def identity(self) -> ModelIdentity:
+        return ModelIdentity.coerce({k: self.attrs[k] for k in IDENTITY_KEYS}, f"store {self.path}")
 
     @property
     def model_name(self) -> str:
@@ -283,10 +284,9 @@ class Store:
         return "\n".join(lines)
 
 
-def check_identity(expected: dict, found: dict, what: str) -> None:
-    diffs = [f"{k}: {found.get(k)!r} != {expected.get(k)!r}" for k in IDENTITY_KEYS if str(found.get(k)) != str(expected.get(k))]
-    if diffs:
-        raise ModelMismatch(f"{what} was made by a different model or preprocessing ({'; '.join(diffs)})")
+def check_identity(expected, found, what: str) -> None:
+    """Raise ModelMismatch unless `found` is the `expected` model identity (ModelIdentity.check)."""
+    ModelIdentity.coerce(expected, what).check(found, what)
 
 
 def _remove_quietly(path: Path) -> None:

@@ -160,3 +160,19 @@ def test_torchrun_two_processes_write_shards(tmp_path, shared):
     assert sorted(len(Store(s)) for s in shards) == [5, 5]
     assert main(["merge", "--out", str(out), *map(str, shards)]) == 0
     assert len(Store(out)) == 10
+
+
+def test_store_remove_command_removes_for_good(samples, tmp_path, capsys):
+    out = tmp_path / "s.h5"
+    assert main(["embed", "--images", str(samples), "--out", str(out), "--model", "imagenet-effnet-lite0",
+                 "--no-progress"]) == 0
+    before = Store(out)
+    gone = before.ids[0]
+    vector = before.get([gone])[0].tobytes()
+    assert main(["store", "remove", str(out), "--ids", gone]) == 0
+    after = Store(out)
+    assert gone not in after and len(after) == len(before) - 1
+    raw = out.read_bytes()
+    assert gone.encode() not in raw and vector not in raw  # not merely unlinked: the bytes are gone
+    assert main(["store", "remove", str(out), "--ids", "no/such/image.jpg"]) == 2
+    assert "no/such/image.jpg" in capsys.readouterr().err and len(Store(out)) == len(after)
