@@ -155,6 +155,7 @@ def embed_to_store(
             bar.update(1)
     finally:
         writer.commit()
+        bar.set_postfix(saved=writer.saved, unsaved=writer.pending, failed=len(failed), refresh=False)
         bar.close()
     store = Store(out)
     return EmbedSummary(out, embedded, skipped, failed, len(store), time.perf_counter() - start)
