@@ -16,6 +16,7 @@ from .errors import InputError, InvalidEmbedding, LabelError
 from .store import Store, StoreWriter
 
 IMAGE_SUFFIXES = {".dcm", ".dicom", ".png", ".jpg", ".jpeg"}
+FIRST_COMMIT_S = 5.0  # the first commit comes early, so a user sees work being saved
 
 
 @dataclass
@@ -26,16 +27,19 @@ class InputItem:
 
 
 def list_inputs(images: str | os.PathLike, image_root: str | os.PathLike | None = None) -> list[InputItem]:
-    """Items from a folder (recursive, DICOM/PNG/JPEG by suffix) or a CSV with an `image` column."""
+    """Items from a folder (recursive, DICOM/PNG/JPEG by suffix), a CSV with an `image` column, or one image file."""
     src = Path(images)
     if src.is_dir():
         root = Path(image_root) if image_root else src
         files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         return [InputItem(p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p), p) for p in files]
     if not src.is_file():
-        raise InputError(f"--images {src}: no such folder or CSV file")
+        raise InputError(f"--images {src}: no such folder, CSV or image file")
+    if src.suffix.lower() in IMAGE_SUFFIXES:  # one image: its id is its file name
+        return [InputItem(src.name, src)]
     if src.suffix.lower() != ".csv":
-        raise InputError(f"--images {src}: expected a folder or a .csv file")
+        raise InputError(f"--images {src}: expected a folder, a .csv file or an image "
+                         f"({', '.join(sorted(IMAGE_SUFFIXES))})")
     root = Path(image_root) if image_root else src.parent
     return read_image_csv(src, root)
 
@@ -56,6 +60,23 @@ def read_image_csv(path: Path, root: Path) -> list[InputItem]:
             meta = {k: v for k, v in row.items() if k != "image" and k is not None}
             items.append(InputItem(image, root / image, meta))
     return items
+
+
+def check_paths_exist(items: list[InputItem], images: str | os.PathLike, warn=None) -> int:
+    """Refuse a CSV none of whose image paths exists (the usual cause: a wrong --image-root); report
+    a partial miss through `warn`. Returns how many are missing."""
+    missing = [it for it in items if not it.path.exists()]
+    if not missing:
+        return 0
+    if len(missing) == len(items):
+        raise InputError(f"--images {images}: none of its {len(items)} image paths exists (e.g. {missing[0].path} "
+                         f"is not a file); paths in the CSV are relative to --image-root (default: the CSV's folder): "
+                         "pass the folder they are relative to")
+    if warn is not None:
+        warn(f"warning: {len(missing)} of {len(items)} images listed in {images} are not found "
+             f"(e.g. {missing[0].path}); they will be recorded as failed. Paths in the CSV are relative to "
+             "--image-root (default: the CSV's folder)")
+    return len(missing)
 
 
 def shard_path(out: Path, rank: int, world: int) -> Path:
@@ -111,6 +132,8 @@ def embed_to_store(
         total=len(todo), unit="img", desc=f"embedding -> {out.name}", disable=not progress,
         file=sys.stderr, dynamic_ncols=True, mininterval=1.0, position=rank,
     )
+    bar.set_postfix(saved=writer.saved, failed=0, refresh=False)
+    first_commit_s = min(commit_every_s, FIRST_COMMIT_S)  # so that `saved=` moves within seconds
     try:
         for result in embedder.iter_embed((it.image_id, it.path) for it in todo):
             error = result.error
@@ -124,16 +147,19 @@ def embed_to_store(
                 msg = f"{error.code}: {error}"
                 writer.fail(result.key, msg)
                 failed[result.key] = msg
-            bar.update(1)
             now = time.perf_counter()
-            if writer.pending >= commit_every_n or now - last_commit >= commit_every_s:
+            due = first_commit_s if last_commit == start else commit_every_s
+            if writer.pending >= commit_every_n or now - last_commit >= due:
                 writer.commit()
                 last_commit = time.perf_counter()
                 # Commits copy the file; keep their share of the run small on big stores.
                 commit_every_s = max(commit_every_s, 20 * (last_commit - now))
-                bar.set_postfix(saved=len(writer.done_ids), failed=len(failed))
+            # saved = durable in the store (survives a kill now); unsaved = embedded, waiting for the next commit
+            bar.set_postfix(saved=writer.saved, unsaved=writer.pending, failed=len(failed), refresh=False)
+            bar.update(1)
     finally:
         writer.commit()
+        bar.set_postfix(saved=writer.saved, unsaved=writer.pending, failed=len(failed), refresh=False)
         bar.close()
     store = Store(out)
     return EmbedSummary(out, embedded, skipped, failed, len(store), time.perf_counter() - start)

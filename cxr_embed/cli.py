@@ -10,21 +10,34 @@ from pathlib import Path
 from .errors import CxrEmbedError
 
 
+def note(text: str) -> None:
+    """A one-line message for the person at the terminal (stderr: stdout stays the command's result)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def loading_message(model: str | None) -> str:
+    """Why the first seconds are slow, said once before the model loads."""
+    from .models import default_model_name
+
+    return (f"loading {model or default_model_name()} (a few seconds; the first batch is slower while the model "
+            "warms up, later ones run at full speed)")
+
+
 def _add_embed(sub) -> None:
     p = sub.add_parser("embed", help="embed a folder or CSV of images into an HDF5 store (resumable)")
     p.add_argument("--images", required=True, help="folder of DICOM/PNG/JPEG files, or a CSV with an 'image' column")
     p.add_argument("--image-root", help="folder that CSV image paths are relative to (default: the CSV's folder)")
     p.add_argument("--out", required=True, help="the HDF5 store to create or extend")
     p.add_argument("--model", default=None, help="registered model name or .safetensors checkpoint (default: the shipped model)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default %(default)s)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--commit-every", type=float, default=30.0, help="seconds between durable commits (default 30)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_embed)
 
 
 def _cmd_embed(args) -> int:
-    from .batch import embed_to_store, list_inputs, shard_path
+    from .batch import check_paths_exist, embed_to_store, list_inputs, shard_path
     from .embedder import Embedder
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -36,12 +49,14 @@ def _cmd_embed(args) -> int:
     items = list_inputs(args.images, args.image_root)
     if not items:
         raise CxrEmbedError(f"no images found in {args.images}")
+    check_paths_exist(items, args.images, warn=note)
     device = args.device
     if world > 1 and device in ("auto", "cuda"):
         import torch
 
         if torch.cuda.is_available():
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+    note(loading_message(args.model))
     embedder = Embedder(args.model, batch_size=args.batch_size, device=device)
     summary = embed_to_store(
         items, args.out, embedder, commit_every_s=args.commit_every, progress=not args.no_progress, rank=rank, world=world
@@ -58,7 +73,7 @@ def _cmd_embed(args) -> int:
 
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="print what a store holds")
-    p.add_argument("store")
+    p.add_argument("store", help="the HDF5 store (from `cxr-embed embed`)")
     p.set_defaults(func=lambda a: _print_info(a.store))
 
 
@@ -109,8 +124,8 @@ def _cmd_store_upgrade(path: str) -> int:
 
 def _add_merge(sub) -> None:
     p = sub.add_parser("merge", help="merge shard stores (e.g. from torchrun) into one store")
-    p.add_argument("--out", required=True)
-    p.add_argument("stores", nargs="+")
+    p.add_argument("--out", required=True, help="the merged store to create or extend")
+    p.add_argument("stores", nargs="+", help="shard stores to merge (same model)")
     p.set_defaults(func=_cmd_merge)
 
 
@@ -142,15 +157,15 @@ def _add_pretrain(sub) -> None:
     p = sub.add_parser("pretrain", help="SupCon-pretrain a backbone on labelled CXRs (resumable)")
     p.add_argument("--config", help="YAML or TOML file; every field has a default (see configs/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting (YAML value)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("pack", help="decode a pretraining pool once into compact JPEG pack file(s)")
-    p.add_argument("--config")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--out", required=True)
-    p.add_argument("--parts", type=int, default=1)
-    p.add_argument("--quality", type=int, default=90)
+    p.add_argument("--config", help="the pretraining config (YAML or TOML) whose pool is packed")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting (YAML value)")
+    p.add_argument("--out", required=True, help="pack file to write (.h5; with --parts, NAME.partK.h5)")
+    p.add_argument("--parts", type=int, default=1, help="number of pack files (default %(default)s)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of the packed images (default %(default)s)")
     p.set_defaults(func=_cmd_pack)
 
 
@@ -191,10 +206,10 @@ def _cmd_pack(args) -> int:
 def _add_reference(sub) -> None:
     p = sub.add_parser("reference", help="build the reference CXR set used to flag inputs that are not chest radiographs")
     p.add_argument("--images", required=True, help="CSV with an 'image' column of frontal CXRs")
-    p.add_argument("--image-root")
+    p.add_argument("--image-root", help="folder that CSV image paths are relative to (default: the CSV's folder)")
     p.add_argument("--model", default="imagenet-effnet-lite0", help="default: the chest-check model")
     p.add_argument("--n", type=int, default=500, help="images drawn at random (seeded) from the CSV")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the draw (default %(default)s)")
     p.add_argument("--size", type=int, default=128, help="input size of the check (default 128)")
     p.add_argument("--out", help="default: next to the model weights, <model>.reference.npz")
     p.set_defaults(func=_cmd_reference)
@@ -215,6 +230,49 @@ def _cmd_reference(args) -> int:
     return 0
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a store's ids, embeddings and metadata to Parquet or .npz")
+    p.add_argument("--store", required=True, help="the HDF5 store (from `cxr-embed embed`)")
+    p.add_argument("--out", required=True, help="file to write: *.parquet (needs pyarrow) or *.npz")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    from .export import export_store
+    from .store import Store
+
+    store = Store(args.store)
+    out = export_store(store, args.out)
+    print(f"wrote {out}: {len(store)} embeddings of {store.model_name} (dim {store.dim}), ids and metadata")
+    return 0
+
+
+def _add_preview(sub) -> None:
+    p = sub.add_parser("preview", help="save the exact image the model sees (after windowing and letterboxing)")
+    p.add_argument("image", help="a DICOM, PNG or JPEG file")
+    p.add_argument("--out", required=True, help="picture to write (.png recommended)")
+    p.add_argument("--model", default=None, help="model whose preprocessing to show (default: the shipped model)")
+    p.set_defaults(func=_cmd_preview)
+
+
+def _cmd_preview(args) -> int:
+    from .models import create_model, default_model_name, get_spec
+    from .preview import preview_image
+
+    name = args.model or default_model_name()
+    try:
+        config = get_spec(name).preprocess
+    except CxrEmbedError:  # a checkpoint path: its preprocessing is in the file
+        config = create_model(name).preprocess
+    image = preview_image(args.image, config)
+    try:
+        image.save(args.out)
+    except (OSError, ValueError) as exc:
+        raise CxrEmbedError(f"cannot write {args.out}: {exc}; name it *.png (or *.jpg)") from None
+    print(f"wrote {args.out}: {image.width}x{image.height} px, what {name} sees ({config.identity})")
+    return 0
+
+
 COMMAND_GROUP = "cxr_embed.commands"
 
 
@@ -232,8 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cxr-embed", description="Chest X-ray embeddings, probes and an embedding service (PyTorch, open weights)."
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"cxr-embed {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_embed(sub)
+    _add_export(sub)
+    _add_preview(sub)
     _add_info(sub)
     _add_store(sub)
     _add_merge(sub)

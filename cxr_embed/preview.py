@@ -1,4 +1,5 @@
-"""What the model sees: the canonical input tensor of an image, turned back into a grey picture."""
+"""What the model sees: the canonical input tensor of an image, turned back into a grey picture
+(for `cxr-embed preview` and the web page's `/preview`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from PIL import Image
 
 from .ingest import MIN_SIDE, ImageSource, load_image
+from .models import default_model_name, get_spec
 from .preprocess import PreprocessConfig, preprocess
 
 
@@ -19,10 +21,12 @@ def tensor_image(tensor: torch.Tensor, config: PreprocessConfig) -> Image.Image:
     return Image.fromarray(np.rint(pixels.numpy() * 255.0).astype(np.uint8), mode="L")
 
 
-def preview_image(source: ImageSource, config: PreprocessConfig = PreprocessConfig(),
+def preview_image(source: ImageSource, config: PreprocessConfig | None = None,
                   min_side: int = MIN_SIDE) -> Image.Image:
-    """The exact model input of `source` (decoded, letterboxed, normalised) as a grey image;
-    raises the same typed errors as `load_image`."""
+    """The exact model input of `source` (decoded, windowed, letterboxed, normalised) as a grey
+    image; `config`: the preprocessing (default: the default model's). Raises the same typed errors
+    as `load_image` for inputs the model would refuse."""
+    config = config or get_spec(default_model_name()).preprocess
     return tensor_image(preprocess(load_image(source, min_side=min_side), config), config)
 
 
@@ -33,6 +37,6 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def preview_png(source: ImageSource, config: PreprocessConfig = PreprocessConfig(), min_side: int = MIN_SIDE) -> bytes:
+def preview_png(source: ImageSource, config: PreprocessConfig | None = None, min_side: int = MIN_SIDE) -> bytes:
     """`preview_image` as PNG bytes."""
     return png_bytes(preview_image(source, config, min_side))

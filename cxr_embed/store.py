@@ -421,6 +421,11 @@ class StoreWriter:
         return self._done
 
     @property
+    def saved(self) -> int:
+        """Images embedded and committed (durable in the file)."""
+        return len(self._done) - len(self._ids)
+
+    @property
     def pending(self) -> int:
         return len(self._ids) + len(self._failed) + len(self._resolved)
 

@@ -1,4 +1,4 @@
-"""The probe commands of `cxr-embed` (`curve`, `probe`), registered through the entry-point group
+"""The probe commands of `cxr-embed` (`curve`, `probe`, `predict`, `evaluate`), registered through the entry-point group
 `cxr_embed.commands`: each is a thin wrapper over a documented Python function."""
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ def register(sub) -> None:
     """Add this package's subcommands to the `cxr-embed` parser."""
     _add_curve(sub)
     _add_probe(sub)
+    _add_predict(sub)
+    _add_evaluate(sub)
 
 
 def _warn(text: str) -> None:
@@ -74,4 +76,79 @@ def _cmd_probe(args) -> int:
                                      name=args.name, warn=_warn, threshold_method=args.threshold,
                                      target_sensitivity=args.target_sensitivity)
     print(report.text())
+    return 0
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="score images with saved probes into a CSV (resumable; default probe: the "
+                                       "shipped NIH pneumonia example)")
+    p.add_argument("--probe", help="a probe file (.json) or a folder of them (default: the shipped example probe)")
+    p.add_argument("--images", help="a folder of DICOM/PNG/JPEG files, a CSV with an 'image' column, or one image")
+    p.add_argument("--image-root", help="folder that CSV image paths are relative to (default: the CSV's folder)")
+    p.add_argument("--out", help="CSV to write or extend (ids already in it are skipped); with --example, "
+                                 "optional (the scores are printed)")
+    p.add_argument("--example", action="store_true",
+                   help="score the shipped example radiograph (an NIH CXR) instead of --images")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_predict)
+
+
+def _cmd_predict(args) -> int:
+    import csv
+    import tempfile
+    from pathlib import Path
+
+    from cxr_embed.errors import CxrEmbedError
+
+    from .examples import EXAMPLE_IMAGE_NOTE, example_image_path
+    from .predict import predict_images
+
+    if args.example == bool(args.images):
+        raise CxrEmbedError("give --images (a folder, CSV or image) or --example (the shipped example radiograph)")
+    if args.images and not args.out:
+        raise CxrEmbedError("--out is required with --images: the CSV the scores are written to (e.g. scores.csv)")
+    images = example_image_path() if args.example else args.images
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(args.out) if args.out else Path(tmp) / "scores.csv"
+        summary = predict_images(images, out, probes=args.probe, image_root=args.image_root, device=args.device,
+                                 batch_size=args.batch_size, progress=not (args.no_progress or args.example), log=_warn)
+        if args.example:
+            print(f"{EXAMPLE_IMAGE_NOTE}:")
+            with open(out, newline="", encoding="utf-8") as fh:
+                for row in csv.DictReader(fh):
+                    print("\n".join(f"  {k}: {v}" for k, v in row.items() if v != ""))
+    print(summary.text() if args.out else f"scored in {summary.seconds:.1f} s")
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    from .evaluate import SPLIT_CHOICES
+
+    p = sub.add_parser("evaluate", help="score a saved probe on your own labelled images: AUC, AUPRC (95%% CIs), "
+                                        "sensitivity and specificity at its threshold")
+    p.add_argument("--probe", help="the probe file (.json) (default: the shipped example probe)")
+    p.add_argument("--store", required=True, help="store holding the labelled images (embedded with the probe's model)")
+    p.add_argument("--labels", required=True, help="CSV with image, label [, split]")
+    p.add_argument("--positive", help="the positive class, for labels other than 0/1, true/false, yes/no")
+    p.add_argument("--split", choices=SPLIT_CHOICES, default="auto",
+                   help="rows to score: auto (the test split when the file has a split column, else every row), "
+                        "test, train or all (default %(default)s)")
+    p.add_argument("--json", help="also write the numbers to this JSON file")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args) -> int:
+    import json
+
+    from .evaluate import evaluate_probe
+    from .examples import example_probe_path
+
+    result = evaluate_probe(args.probe or example_probe_path(), args.store, args.labels, positive=args.positive,
+                            split=args.split, warn=_warn)
+    print(result.text())
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(result.to_dict(), fh, indent=1)
     return 0

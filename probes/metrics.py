@@ -102,3 +102,39 @@ def choose_threshold(y_true, probs, method: str = "youden", target_sensitivity: 
     else:
         raise ValueError(f"threshold method must be 'youden' or 'sensitivity', not {method!r}")
     return float(thr[i])
+
+
+@dataclass
+class AUPRC:
+    auprc: float
+    ci_low: float
+    ci_high: float
+    prevalence: float
+
+
+def auprc_ci(y_true, scores, alpha: float = 0.05, n_boot: int = 2000, seed: int = 0) -> AUPRC:
+    """Area under the precision-recall curve (scikit-learn's average precision) with a stratified
+    bootstrap (1 - alpha) percentile interval: positives and negatives resampled separately, so
+    every resample keeps the test set's prevalence."""
+    from sklearn.metrics import average_precision_score
+
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError("AUPRC needs at least one positive and one negative example")
+    rng = np.random.default_rng(seed)
+    boots = np.empty(n_boot)
+    for b in range(n_boot):
+        idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        boots[b] = average_precision_score(y[idx], s[idx])
+    low, high = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
+    return AUPRC(float(average_precision_score(y, s)), float(low), float(high), float(y.mean()))
+
+
+def confusion_counts(y_true, scores, threshold: float) -> dict[str, int]:
+    """True/false positives/negatives when `scores >= threshold` is called positive."""
+    y = np.asarray(y_true).astype(bool)
+    pred = np.asarray(scores) >= threshold
+    return {"tp": int((pred & y).sum()), "fp": int((pred & ~y).sum()), "tn": int((~pred & ~y).sum()),
+            "fn": int((~pred & y).sum())}

@@ -14,7 +14,9 @@ def register(sub) -> None:
     p.add_argument("--host", default=None, help="address to listen on (CXR_EMBED_HOST; default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (CXR_EMBED_PORT; default 8000)")
     p.add_argument("--model", default=None, help="model name or checkpoint (CXR_EMBED_MODEL; default: shipped model)")
-    p.add_argument("--probes", default=None, help="folder of saved probes (*.json) or one probe file (CXR_EMBED_PROBES)")
+    p.add_argument("--probes", default=None,
+                   help="folder of saved probes (*.json) or one probe file (CXR_EMBED_PROBES); default: the shipped "
+                        "example probe (NIH pneumonia) when the model is the shipped default; 'none': no probes")
     p.add_argument("--store", default=None, help="store searched by /search (CXR_EMBED_STORE)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (CXR_EMBED_DEVICE; default auto)")
     p.add_argument("--image-check", default=None, choices=["auto", "always", "never"],
@@ -72,11 +74,27 @@ def serve(settings, host: str = "127.0.0.1", port: int = 8000, log_level: str = 
         raise CxrEmbedError(f"could not start: {engine.load_error}")
 
 
+def default_probes(settings) -> str | None:
+    """The shipped example probe when no probes were asked for and the model is the shipped default
+    (the example sits on it); else None."""
+    from cxr_embed.models import SHIPPED_MODEL, default_model_name
+
+    from probes.examples import example_probe_path
+
+    model = settings.model or default_model_name()
+    return str(example_probe_path()) if model == SHIPPED_MODEL else None
+
+
 def _cmd_serve(args) -> int:
     from .settings import ServiceSettings
 
     settings = ServiceSettings.from_env(model=args.model, probes=args.probes, store=args.store, device=args.device,
                                         image_check=args.image_check, log_format=args.log_format)
+    if settings.probes is None and not settings.no_probes:
+        settings.probes = default_probes(settings)
+        if settings.probes:
+            print("serving the shipped example probe (NIH pneumonia, research use only); --probes DIR for your own, "
+                  "--probes none for none", flush=True)
     host = args.host or os.environ.get("CXR_EMBED_HOST", "127.0.0.1")
     raw_port = args.port or os.environ.get("CXR_EMBED_PORT", "8000")
     try:

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from cxr_embed.errors import EmptyInput
+from probes.examples import is_example_probe
 
 from .engine import Engine, ImageResult, NoStore, NotReady
 from .errors import HTTPProblem, status_for
@@ -198,12 +199,23 @@ async def info(request: Request):
                         "reference_images": 0 if rt.reference is None else len(rt.reference.embeddings),
                         "threshold": None if rt.reference is None else rt.reference.threshold},
         "probes": {n: probe_info(p) for n, p in engine.probes.items()},
+        "probes_source": probes_source(settings.probes),
         "store": None if engine.index is None else {"images": len(engine.index),
                                                     "metadata_exposed": list(settings.search_metadata)},
         "limits": settings.public_limits(),
         "accepted_content_types": sorted(SINGLE_TYPES) + ["multipart/form-data"],
         "device": str(rt.device),
     }
+
+
+def probes_source(path) -> str:
+    """Where the served probes come from, in words (never a server path)."""
+    if not path:
+        return "none"
+    if is_example_probe(path):
+        return ("the shipped example probe (NIH pneumonia vs no finding, linear, on cxr-supcon-effnet-lite0; "
+                "research use only): start with --probes to serve your own, --probes none for none")
+    return "probes given with --probes / CXR_EMBED_PROBES"
 
 
 def probe_info(p) -> dict:

@@ -26,7 +26,7 @@ def _service_runtime() -> RuntimeSettings:
 @dataclass
 class ServiceSettings:
     runtime: RuntimeSettings = field(default_factory=_service_runtime)
-    probes: str | None = None  # folder of saved probes (*.json), or one probe file
+    probes: str | None = None  # folder of saved probes (*.json), or one probe file; "none": none
     store: str | None = None  # HDF5 store for /search
     token: str | None = None  # bearer token; when set every route but /health needs it
     max_body_bytes: int = 32 * 1024 * 1024
@@ -45,6 +45,10 @@ class ServiceSettings:
     log_format: str = "text"  # text or json (one JSON object per line, with request ids)
 
     def __post_init__(self):
+        # `--probes none` / CXR_EMBED_PROBES=none: no probes, not even the CLI's default example
+        self.no_probes = isinstance(self.probes, str) and self.probes.strip().lower() == "none"
+        if self.no_probes:
+            self.probes = None
         if isinstance(self.search_metadata, str):
             self.search_metadata = tuple(f.strip() for f in self.search_metadata.split(",") if f.strip())
         self.search_metadata = tuple(self.search_metadata)

@@ -34,6 +34,10 @@ def test_wheel_holds_every_file_the_code_loads(wheel):
         assert f"{pkg}/__init__.py" in names
     page = {f"service/static/{p.name}" for p in (ROOT / "service" / "static").iterdir()}
     assert "service/static/index.html" in page and page <= names, sorted(page - names)
+    from probes.examples import example_image_path, example_probe_path
+
+    shipped = [p.relative_to(ROOT).as_posix() for p in (example_probe_path(), example_image_path())]
+    assert all(n in names for n in shipped), sorted(set(shipped) - names)  # `predict --example` works from a wheel
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry).decode()
     assert "[cxr_embed.commands]" in text and "probes.cli:register" in text and "service.cli:register" in text

@@ -1,0 +1,99 @@
+"""A saved probe scored on one's own labelled images: what `cxr-embed evaluate` does, as a function.
+
+AUC with its DeLong 95% CI, AUPRC with a stratified bootstrap 95% CI, and sensitivity, specificity
+and the confusion counts at the probe's own threshold (the one `predict` and the service decide at).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cxr_embed.errors import LabelError
+from cxr_embed.labels import read_labels
+from cxr_embed.store import Store
+
+from .io import load_probe
+from .metrics import auc_ci, auprc_ci, confusion_counts, sensitivity_specificity
+from .probe import Probe
+
+SPLIT_CHOICES = ("auto", "test", "train", "all")
+
+
+@dataclass
+class Evaluation:
+    probe: str
+    labels: str
+    positive: str
+    rows: str  # which rows were scored: "test split", "every row" ...
+    n: int
+    n_pos: int
+    n_neg: int
+    auc: float
+    auc_ci_low: float
+    auc_ci_high: float
+    auprc: float
+    auprc_ci_low: float
+    auprc_ci_high: float
+    threshold: float
+    sensitivity: float
+    specificity: float
+    tp: int
+    fp: int
+    tn: int
+    fn: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def text(self) -> str:
+        return "\n".join([
+            f"probe {self.probe} on {self.labels} ({self.rows}; positive = {self.positive}): "
+            f"n={self.n} ({self.n_pos} positive, {self.n_neg} negative)",
+            f"  AUC    {self.auc:.3f} (95% CI {self.auc_ci_low:.3f}-{self.auc_ci_high:.3f}, DeLong)",
+            f"  AUPRC  {self.auprc:.3f} (95% CI {self.auprc_ci_low:.3f}-{self.auprc_ci_high:.3f}, bootstrap; "
+            f"prevalence {self.n_pos / self.n:.3f})",
+            f"  at the probe's threshold {self.threshold:.4f}: sensitivity {self.sensitivity:.3f}, specificity "
+            f"{self.specificity:.3f} (TP {self.tp}, FN {self.fn}, TN {self.tn}, FP {self.fp})",
+        ])
+
+
+def _rows(table, split: str) -> tuple[str | None, str]:
+    """Which split to score: auto = the test split when the file has splits, else every row."""
+    if split == "all":
+        return None, "every row"
+    if split == "auto":
+        split = "test" if any(table.splits) else "all"
+        return (None, "every row") if split == "all" else ("test", "test split")
+    if not any(table.splits):
+        raise LabelError(f"{table.path}: --split {split} but the file has no 'split' column; use --split all")
+    return split, f"{split} split"
+
+
+def evaluate_probe(probe: str | os.PathLike | Probe, store: str | os.PathLike | Store, labels: str | os.PathLike, *,
+                   positive: str | None = None, split: str = "auto", n_boot: int = 2000, seed: int = 0,
+                   warn=None) -> Evaluation:
+    """Score a binary probe on the labelled images of `labels` found in `store` (same model required)."""
+    store = store if isinstance(store, Store) else Store(store)
+    name = getattr(probe, "name", None) if isinstance(probe, Probe) else Path(probe).stem
+    probe = probe if isinstance(probe, Probe) else load_probe(probe, expected_identity=store.identity)
+    if len(probe.classes_) != 2:
+        raise LabelError(f"probe {name} has {len(probe.classes_)} classes; evaluate scores binary probes "
+                         "(AUC, sensitivity, specificity)")
+    table = read_labels(labels, positive=positive)
+    if not table.binary:
+        raise LabelError(f"{table.path}: {len(table.classes)} classes ({', '.join(table.class_names()[:5])}); name the "
+                         "class the probe calls positive with --positive")
+    which, described = _rows(table, split)
+    rows = table.rows_in(store, which, f"store {store.path}", warn=warn)
+    y = table.y[rows] == 1
+    if y.all() or not y.any():
+        raise LabelError(f"{table.path}: the {described} holds only {'positive' if y.all() else 'negative'} images "
+                         f"found in the store; AUC needs both classes")
+    p = probe.predict_proba(store.get([table.images[i] for i in rows]))[:, 1]
+    auc, pr = auc_ci(y, p), auprc_ci(y, p, n_boot=n_boot, seed=seed)
+    sens, spec = sensitivity_specificity(y, p, probe.threshold_)
+    return Evaluation(getattr(probe, "name", name) or name, str(labels), table.positive, described, len(rows),
+                      int(y.sum()), int((~y).sum()), auc.auc, auc.ci_low, auc.ci_high, pr.auprc, pr.ci_low,
+                      pr.ci_high, float(probe.threshold_), sens, spec, **confusion_counts(y, p, probe.threshold_))
