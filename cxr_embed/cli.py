@@ -86,7 +86,7 @@ def _print_info(path: str) -> int:
 
 def _add_store(sub) -> None:
     p = sub.add_parser("store", help="maintain a store: remove images for good, upgrade an old format")
-    ops = p.add_subparsers(dest="store_command", required=True, metavar="ACTION")
+    ops = p.add_subparsers(dest="store_command", required=True, metavar="ACTION", help="remove or upgrade")
     rm = ops.add_parser("remove", help="remove images (embedding, metadata, failure record) from a store for good")
     rm.add_argument("store", help="the store file (.h5)")
     rm.add_argument("--ids", nargs="+", default=[], help="image ids to remove")

@@ -469,6 +469,8 @@ def codestream_size(fragment: bytes, transfer: str) -> tuple[int, int, int] | No
         if len(siz) < 42 or siz[:4] != b"\xff\x4f\xff\x51":  # SOC then SIZ (ISO 15444-1 A.5.1)
             return None
         x, y, x0, y0 = (int.from_bytes(siz[i: i + 4], "big") for i in (8, 12, 16, 20))
+        if x <= x0 or y <= y0:  # an image area of no size: garbage, not a bomb
+            return None
         return y - y0, x - x0, int.from_bytes(siz[40:42], "big")
     params = _get_jpg_parameters(fragment)
     if "height" not in params or "width" not in params:

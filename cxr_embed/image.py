@@ -98,7 +98,7 @@ def check_declared_size(rows: int, cols: int, max_pixels: int, what: str, frames
         detail = f"{cols}x{rows}" + (f"x{frames} frames" if frames > 1 else "") + (f"x{samples} samples" if samples > 1 else "")
         raise ImageTooLarge(
             f"{what} declares {detail} = {total:,} pixel values, over the limit of {max_pixels:,}; "
-            "pass load_image(..., max_pixels=N) to raise it"
+            "raise it with CXR_EMBED_MAX_PIXELS (serve, listen) or load_image(..., max_pixels=N)"
         )
 
 
