@@ -16,8 +16,8 @@ from __future__ import annotations
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 
-from cxr_embed.errors import (CxrEmbedError, EmptyInput, ImageTooSmall, InputError, MultiFrameImage, NoPixelData,
-                              NotAnImage, TruncatedImage, UnsupportedImage)
+from cxr_embed.errors import (CxrEmbedError, EmptyInput, ImageTooLarge, ImageTooSmall, InputError, MultiFrameImage,
+                              NoPixelData, NotAnImage, TruncatedImage, UndecodableImage, UnsupportedImage)
 
 from .engine import NotReady, QueueFull
 
@@ -75,6 +75,7 @@ STATUS_OF_ERROR: tuple[tuple[type[BaseException], int], ...] = (
     (NoPixelData, DOES_NOT_MATCH_SOP_CLASS),
     (MultiFrameImage, DOES_NOT_MATCH_SOP_CLASS),
     (InstanceTooLarge, OUT_OF_RESOURCES),
+    (ImageTooLarge, OUT_OF_RESOURCES),
     (ShuttingDown, OUT_OF_RESOURCES),
     (Timeout, OUT_OF_RESOURCES),
     (QueueFull, OUT_OF_RESOURCES),
@@ -84,6 +85,7 @@ STATUS_OF_ERROR: tuple[tuple[type[BaseException], int], ...] = (
     (EmptyInput, UNDECODABLE),
     (TruncatedImage, UNDECODABLE),
     (UnsupportedImage, UNDECODABLE),
+    (UndecodableImage, UNDECODABLE),
     (ImageTooSmall, CANNOT_UNDERSTAND),
     (InputError, CANNOT_UNDERSTAND),
 )
