@@ -107,6 +107,7 @@ def embed_to_store(
     embedded = 0
     failed: dict[str, str] = {}
     meta_of = {it.image_id: it.metadata for it in todo}
+    runtime = embedder.runtime.label  # backend/precision, with every embedding (a resumed store may mix them)
     bar = tqdm(
         total=len(todo), unit="img", desc=f"embedding -> {out.name}", disable=not progress,
         file=sys.stderr, dynamic_ncols=True, mininterval=1.0, position=rank,
@@ -114,7 +115,8 @@ def embed_to_store(
     try:
         for result in embedder.iter_embed((it.image_id, it.path) for it in todo):
             if result.error is None:
-                writer.add(result.key, result.embedding, {**meta_of[result.key], "findings": result.info.to_dict()})
+                writer.add(result.key, result.embedding,
+                           {**meta_of[result.key], "findings": result.info.to_dict(), "runtime": runtime})
                 embedded += 1
             else:
                 msg = f"{result.error.code}: {result.error}"

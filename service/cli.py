@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
+from cxr_embed.cli import add_backend_options
 from cxr_embed.errors import ConfigError, CxrEmbedError
 
 
@@ -17,6 +18,7 @@ def register(sub) -> None:
     p.add_argument("--probes", default=None, help="folder of saved probes (*.json) or one probe file (CXR_EMBED_PROBES)")
     p.add_argument("--store", default=None, help="store searched by /search (CXR_EMBED_STORE)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (CXR_EMBED_DEVICE; default auto)")
+    add_backend_options(p, default=None)  # None: CXR_EMBED_BACKEND / CXR_EMBED_PRECISION, else torch/f32
     p.add_argument("--image-check", default=None, choices=["auto", "always", "never"],
                    help="is-it-a-frontal-CXR check by the image: auto (default) when DICOM tags do not already say "
                         "CR/DX chest AP/PA, always, or never (tags only) (CXR_EMBED_IMAGE_CHECK)")
@@ -59,7 +61,8 @@ def _cmd_serve(args) -> int:
     from .settings import ServiceSettings
 
     settings = ServiceSettings.from_env(model=args.model, probes=args.probes, store=args.store, device=args.device,
-                                        image_check=args.image_check, log_format=args.log_format)
+                                        image_check=args.image_check, log_format=args.log_format,
+                                        backend=args.backend, precision=args.precision)
     host = args.host or os.environ.get("CXR_EMBED_HOST", "127.0.0.1")
     raw_port = args.port or os.environ.get("CXR_EMBED_PORT", "8000")
     try:
