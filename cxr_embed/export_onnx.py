@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -54,9 +55,11 @@ def export_onnx(model: EmbeddingModel, path: str | os.PathLike, *, opset: int = 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        torch.onnx.export(folded, (torch.zeros(1, 3, size, size),), str(tmp), dynamo=False, opset_version=opset,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+        with warnings.catch_warnings():  # the TorchScript exporter is deprecated; dynamo=True needs onnxscript
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(folded, (torch.zeros(1, 3, size, size),), str(tmp), dynamo=False, opset_version=opset,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
         proto = onnx.load(str(tmp))
         meta = {"format": ONNX_FORMAT, **{k: str(v) for k, v in model.identity.to_dict().items()},
                 "arch": model.arch, "input_size": str(size)}
