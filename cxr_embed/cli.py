@@ -31,7 +31,7 @@ def add_backend_options(p, default: str | None = "torch") -> None:
                         "into the cache folder, CXR_EMBED_CACHE) (default: torch)")
     p.add_argument("--precision", default="f32" if default else None, choices=["f32", "bf16"],
                    help="f32 (default; openvino gives torch's embeddings within 1e-4) or bf16 (openvino "
-                        "only: faster, embeddings within about 0.2; opt-in)")
+                        "only: faster, embeddings off by up to about 0.5; opt-in)")
 
 
 def _cmd_embed(args) -> int:

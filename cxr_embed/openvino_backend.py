@@ -2,7 +2,7 @@
 
 The runtime calls it where it would call the torch model (`Runtime.forward`): same input (N, 3, S, S)
 float32, same output (N, dim) float32 numpy. Precision is always set, never OpenVINO's default (which
-is bf16 on CPUs that have it: 3-4x faster, but embeddings off by up to 0.2, BENCHMARKS.md):
+is bf16 on CPUs that have it: faster, but embeddings off by up to about 0.5, BENCHMARKS.md "Backends"):
 "f32" gives the torch embeddings within 1e-4 (tests/test_openvino.py), "bf16" is opt-in.
 Needs `pip install 'cxr-embed[openvino]'`.
 """

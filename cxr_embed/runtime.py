@@ -64,7 +64,7 @@ class RuntimeSettings:
     image_check: str = "never"
     # what runs the model: "torch", or "openvino" (CPU only; the ONNX export of the same model, cached)
     backend: str = "torch"
-    # arithmetic of the model: "f32", or "bf16" (openvino only, opt-in: faster, embeddings within ~0.2)
+    # arithmetic of the model: "f32", or "bf16" (openvino only, opt-in: faster, embeddings off by up to ~0.5)
     precision: str = "f32"
     model_threads: int = 0  # threads running the model; 0: torch's default (one per core)
     cpu_chunk: int = 0  # on the CPU, images per model call; 0: the backend's best (CPU_CHUNK, OPENVINO_CHUNK)
