@@ -128,6 +128,7 @@ def embed_to_store(
     embedded = 0
     failed: dict[str, str] = {}
     meta_of = {it.image_id: it.metadata for it in todo}
+    runtime = embedder.runtime.label  # backend/precision, with every embedding (a resumed store may mix them)
     bar = tqdm(
         total=len(todo), unit="img", desc=f"embedding -> {out.name}", disable=not progress,
         file=sys.stderr, dynamic_ncols=True, mininterval=1.0, position=rank,
@@ -139,7 +140,8 @@ def embed_to_store(
             error = result.error
             if error is None:
                 try:  # the writer refuses a non-finite embedding: a failure of this image, never data
-                    writer.add(result.key, result.embedding, {**meta_of[result.key], "findings": result.info.to_dict()})
+                    writer.add(result.key, result.embedding, {**meta_of[result.key], "findings": result.info.to_dict(),
+                                                          "runtime": runtime})
                     embedded += 1
                 except InvalidEmbedding as exc:
                     error = exc

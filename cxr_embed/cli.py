@@ -31,9 +31,20 @@ def _add_embed(sub) -> None:
     p.add_argument("--model", default=None, help="registered model name or .safetensors checkpoint (default: the shipped model)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default %(default)s)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    add_backend_options(p)
     p.add_argument("--commit-every", type=float, default=30.0, help="seconds between durable commits (default 30)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_embed)
+
+
+def add_backend_options(p, default: str | None = "torch") -> None:
+    """--runtime and --precision, for every command that runs the model (embed, serve)."""
+    p.add_argument("--runtime", "--backend", dest="backend", default=default, choices=["torch", "openvino"],
+                   help="what runs the model: torch, or openvino (CPU; the model's ONNX export, built once "
+                        "into the cache folder, CXR_EMBED_CACHE) (default: torch)")
+    p.add_argument("--precision", default="f32" if default else None, choices=["f32", "bf16"],
+                   help="f32 (default; openvino gives torch's embeddings within 1e-4) or bf16 (openvino "
+                        "only: faster, embeddings off by up to about 0.5; opt-in)")
 
 
 def _cmd_embed(args) -> int:
@@ -57,7 +68,8 @@ def _cmd_embed(args) -> int:
         if torch.cuda.is_available():
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
     note(loading_message(args.model))
-    embedder = Embedder(args.model, batch_size=args.batch_size, device=device)
+    embedder = Embedder(args.model, batch_size=args.batch_size, device=device, backend=args.backend,
+                        precision=args.precision)
     summary = embed_to_store(
         items, args.out, embedder, commit_every_s=args.commit_every, progress=not args.no_progress, rank=rank, world=world
     )

@@ -25,17 +25,20 @@ class Embedder:
     """Embeds images with one model in batches; the same input always gives the same embedding.
 
     `image_check="auto"` or `"always"` adds a chest check (`EmbeddingResult.chest`) to `iter_embed`'s
-    results (see `cxr_embed.chest`); the default, `"never"`, runs the main model only."""
+    results (see `cxr_embed.chest`); the default, `"never"`, runs the main model only.
+    `backend="openvino"` runs the same model through OpenVINO on the CPU, at `precision` "f32" (the
+    torch embeddings within 1e-4) or "bf16" (opt-in; see the README's "Backends")."""
 
     def __init__(self, model: str | EmbeddingModel | None = None, batch_size: int = 32, device: str | None = None,
-                 decode_workers: int = 2, image_check: str = "never", settings: RuntimeSettings | None = None):
+                 decode_workers: int = 2, image_check: str = "never", settings: RuntimeSettings | None = None,
+                 backend: str = "torch", precision: str = "f32"):
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise ConfigError("batch_size must be at least 1")
         if settings is None:
             settings = RuntimeSettings(model=None if isinstance(model, EmbeddingModel) else model,
                                        device=device or "auto", decode_threads=max(1, int(decode_workers)),
-                                       image_check=image_check)
+                                       image_check=image_check, backend=backend, precision=precision)
         self.runtime = Runtime(settings, model=model if isinstance(model, EmbeddingModel) else None)
 
     def close(self) -> None:

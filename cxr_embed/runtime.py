@@ -10,6 +10,13 @@ Thread policy (why: `threads.py`, BENCHMARKS.md):
   caches);
 - with `cpu_workers` > 1 on the CPU, a batch's model calls (main network and chest check) are
   shared by that many threads that each run torch on one thread (`_forward_shared`).
+
+Backends (`RuntimeSettings.backend`, chosen at construction; the same `forward` contract either way):
+"torch" runs the inference copy of the model; "openvino" runs its checked ONNX export
+(`export_onnx.py`, `openvino_backend.py`) on the CPU at an explicit precision, on OpenVINO's own team
+of `model_threads` threads (so `cpu_workers` stays 1), in calls of `OPENVINO_CHUNK` images. The
+chest-check network always runs on torch: it is a third of the work and runs only where tags do not
+settle the question. `describe()` says what ran; `cxr-embed embed` records it with every embedding.
 """
 
 from __future__ import annotations
@@ -34,6 +41,9 @@ from .preprocess import preprocess
 from .threads import decode_pool, model_threads
 
 CPU_CHUNK = 4  # images per model call on the CPU (per image, 4 was fastest on 2 cores; 16 was 1.6x slower)
+# the OpenVINO backend's best chunks on 2 cores (bench/backends.py --chunks, BENCHMARKS.md "Backends")
+OPENVINO_CHUNK = {"f32": 16, "bf16": 4}
+BACKENDS = ("torch", "openvino")
 # cpu_workers=0 (auto): one single-threaded worker per model thread up to this many cores; beyond it
 # one team of threads (Python's GIL, which every op's dispatch needs, would be shared by too many)
 AUTO_CPU_WORKERS_MAX = 4
@@ -52,8 +62,12 @@ class RuntimeSettings:
     # "is this a frontal CXR?": auto = by DICOM tags when they say so (CR/DX, chest, AP/PA), else by the
     # image too; always = by the image too, every time; never = by DICOM tags only (no check network)
     image_check: str = "never"
-    model_threads: int = 0  # torch threads running the model; 0: torch's default (one per core)
-    cpu_chunk: int = CPU_CHUNK  # on the CPU, images per model call
+    # what runs the model: "torch", or "openvino" (CPU only; the ONNX export of the same model, cached)
+    backend: str = "torch"
+    # arithmetic of the model: "f32", or "bf16" (openvino only, opt-in: faster, embeddings off by up to ~0.5)
+    precision: str = "f32"
+    model_threads: int = 0  # threads running the model; 0: torch's default (one per core)
+    cpu_chunk: int = 0  # on the CPU, images per model call; 0: the backend's best (CPU_CHUNK, OPENVINO_CHUNK)
     # on the CPU, threads that share a batch's model calls, each running torch on one thread;
     # 0: auto (one per model thread on up to 4 cores, else 1); 1: one team of threads for everything
     cpu_workers: int = 1
@@ -69,9 +83,26 @@ class RuntimeSettings:
             raise ConfigError(f"image check policy {self.image_check!r}: expected one of {', '.join(IMAGE_CHECK_POLICIES)}")
         self.image_check = value
         for name in ("model_threads", "cpu_workers", "cpu_chunk", "decode_threads", "min_side", "max_pixels"):
-            if int(getattr(self, name)) < (1 if name in ("cpu_chunk", "decode_threads") else 0):
-                raise ConfigError(f"{name} must be a {'positive' if name in ('cpu_chunk', 'decode_threads') else 'non-negative'} "
+            if int(getattr(self, name)) < (1 if name == "decode_threads" else 0):
+                raise ConfigError(f"{name} must be a {'positive' if name == 'decode_threads' else 'non-negative'} "
                                   f"integer, not {getattr(self, name)!r}")
+        self._check_backend()
+
+    def _check_backend(self) -> None:
+        self.backend, self.precision = str(self.backend).strip().lower(), str(self.precision).strip().lower()
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend {self.backend!r}: expected one of {', '.join(BACKENDS)}")
+        if self.precision not in OPENVINO_CHUNK:
+            raise ConfigError(f"precision {self.precision!r}: expected f32 (exact) or bf16 (openvino only)")
+        if self.backend == "torch" and self.precision != "f32":
+            raise ConfigError(f"precision {self.precision!r} needs backend 'openvino'; the torch backend runs f32")
+        if self.backend == "openvino":
+            if str(self.device) not in ("auto", "cpu"):
+                raise ConfigError(f"backend 'openvino' runs on the CPU, not device {self.device!r}; "
+                                  "use device 'cpu' (or 'auto'), or backend 'torch'")
+            if int(self.cpu_workers) > 1:
+                raise ConfigError("cpu_workers > 1 is for the torch backend; OpenVINO runs its own team of "
+                                  "model_threads threads: leave cpu_workers at 0 or 1")
 
 
 @dataclass
@@ -124,20 +155,44 @@ class Runtime:
 
     def __init__(self, settings: RuntimeSettings | None = None, model: EmbeddingModel | None = None):
         self.settings = settings = settings or RuntimeSettings()
-        self.device = pick_device(settings.device)
+        self.device = pick_device("cpu" if settings.backend == "openvino" else settings.device)
         self.threads = settings.model_threads or torch.get_num_threads()
         model_threads(self.threads)
         base = model if model is not None else create_model(settings.model, device="cpu")
         # an inference copy (BatchNorm folded, channels_last on the CPU): the caller's model is left as it was
         self.model = inference_model(base, self.device)
-        self.check_model, self.reference = self._load_check()
+        # the main network as a function tensor -> numpy: torch, or OpenVINO running the model's ONNX export
+        self.network = model_numpy(self.model) if settings.backend == "torch" else self._openvino(base)
+        self.chunk = settings.cpu_chunk or (CPU_CHUNK if settings.backend == "torch" else OPENVINO_CHUNK[settings.precision])
+        self.check_model, self.reference = self._load_check()  # the chest check runs on torch
         self.workers = 1
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and settings.backend == "torch":
             auto = self.threads if self.threads <= AUTO_CPU_WORKERS_MAX else 1
             self.workers = max(1, settings.cpu_workers or auto)
         self._helpers = decode_pool(self.workers - 1, prefix="cxr-model") if self.workers > 1 else None
         self._decode = None
         self._decode_lock = threading.Lock()
+
+    def _openvino(self, base: EmbeddingModel):
+        from .openvino_backend import OpenVINONetwork
+
+        return OpenVINONetwork(base, self.settings.precision, self.threads)
+
+    def describe(self) -> dict:
+        """What runs the model and how: recorded with embeddings (store metadata, the service's /info)."""
+        out = {"backend": self.settings.backend, "precision": self.settings.precision, "device": str(self.device),
+               "threads": self.threads, "cpu_chunk": self.chunk, "cpu_workers": self.workers,
+               "torch": torch.__version__.split("+")[0]}
+        if self.settings.backend == "openvino":
+            from .openvino_backend import openvino_version
+
+            out.update(openvino=openvino_version(), onnx=self.network.path.name, threads=self.network.threads)
+        return out
+
+    @property
+    def label(self) -> str:
+        """The backend and precision in one word, e.g. "openvino/bf16"."""
+        return f"{self.settings.backend}/{self.settings.precision}"
 
     def _load_check(self) -> tuple[EmbeddingModel | None, ReferenceSet | None]:
         if self.settings.image_check == "never":
@@ -198,17 +253,17 @@ class Runtime:
         wants_check = wants_check or [False] * len(x)
         cpu = self.device.type == "cpu"
         x = x.to(self.device, non_blocking=True)
-        if cpu:
+        if cpu and self.settings.backend == "torch":
             x = x.contiguous(memory_format=torch.channels_last)
-        step = self.settings.cpu_chunk if cpu else len(x)
-        work = [(model_numpy(self.model), x, step)]  # (network as a function, its input, images per call)
+        step = self.chunk if cpu else len(x)
+        work = [(self.network, x, step)]  # (network as a function, its input, images per call)
         idx = [i for i, w in enumerate(wants_check) if w] if self.reference is not None else []
         if idx:
             sub = x if len(idx) == len(x) else x[idx]
             if cpu:
                 sub = sub.contiguous(memory_format=torch.channels_last)  # no copy where it already is
             work.append((partial(check_embeddings, self.check_model, size=self.reference.size), sub,
-                         self._check_chunk(step, x.shape[-1])))
+                         self._check_chunk(step if self.settings.backend == "torch" else CPU_CHUNK, x.shape[-1])))
         if cpu and self.workers > 1 and len(x) + len(idx) > 1:
             outs = self._forward_shared(work)
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
+from cxr_embed.cli import add_backend_options
 from cxr_embed.errors import ConfigError, CxrEmbedError
 
 
@@ -19,6 +20,7 @@ def register(sub) -> None:
                         "example probe (NIH pneumonia) when the model is the shipped default; 'none': no probes")
     p.add_argument("--store", default=None, help="store searched by /search (CXR_EMBED_STORE)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (CXR_EMBED_DEVICE; default auto)")
+    add_backend_options(p, default=None)  # None: CXR_EMBED_BACKEND / CXR_EMBED_PRECISION, else torch/f32
     p.add_argument("--image-check", default=None, choices=["auto", "always", "never"],
                    help="is-it-a-frontal-CXR check by the image: auto (default) when DICOM tags do not already say "
                         "CR/DX chest AP/PA, always, or never (tags only) (CXR_EMBED_IMAGE_CHECK)")
@@ -89,7 +91,8 @@ def _cmd_serve(args) -> int:
     from .settings import ServiceSettings
 
     settings = ServiceSettings.from_env(model=args.model, probes=args.probes, store=args.store, device=args.device,
-                                        image_check=args.image_check, log_format=args.log_format)
+                                        image_check=args.image_check, log_format=args.log_format,
+                                        backend=args.backend, precision=args.precision)
     if settings.probes is None and not settings.no_probes:
         settings.probes = default_probes(settings)
         if settings.probes:

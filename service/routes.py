@@ -205,6 +205,7 @@ async def info(request: Request):
         "limits": settings.public_limits(),
         "accepted_content_types": sorted(SINGLE_TYPES) + ["multipart/form-data"],
         "device": str(rt.device),
+        "runtime": rt.describe(),
     }
 
 
