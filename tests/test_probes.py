@@ -12,7 +12,7 @@ from cxr_embed import ModelMismatch, Store
 from cxr_embed.cli import main
 from cxr_embed.errors import LabelError
 from probes import Probe, ProbeFileError, auc_ci, delong_test, load_probe, save_probe, sensitivity_specificity, train_probe
-from cxr_embed.labels import read_labels
+from cxr_embed.labels import MIN_PER_CLASS, read_labels
 from probes.curve import draw_training_set
 from probes.metrics import logit_interval
 
@@ -73,7 +73,7 @@ def test_multiclass_and_string_labels(tb):
 def test_too_few_examples_named(tb):
     _, Xtr, ytr, _, _ = tb
     idx = np.r_[np.flatnonzero(ytr == 0)[:10], np.flatnonzero(ytr == 1)[:2]]
-    with pytest.raises(LabelError, match=r"at least 3 .*1: 2"):
+    with pytest.raises(LabelError, match=rf"at least {MIN_PER_CLASS} .*1: 2"):
         train_probe(Xtr[idx], ytr[idx])
     with pytest.raises(LabelError, match="two classes"):
         train_probe(Xtr[:10], np.zeros(10))
