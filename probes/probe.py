@@ -244,6 +244,12 @@ class Probe(ClassifierMixin, BaseEstimator):
                 warnings.simplefilter("ignore")
                 platt = LogisticRegression(C=1e4).fit(s, y)
             self.calibration_ = {"a": float(platt.coef_[0, 0]), "b": float(platt.intercept_[0])}
+            if self.calibration_["a"] <= 0:
+                # A decreasing sigmoid would reverse the probe's ranking on the word of out-of-fold
+                # scores without signal (cross-validation near the null is biased below chance):
+                # keep the ranking, and give about the base rate.
+                a = 1e-6 / max(float(np.std(s)), 1e-12)
+                self.calibration_ = {"a": a, "b": float(np.log(y.mean() / (1 - y.mean())) - a * np.mean(s))}
             probs = _sigmoid(self.calibration_["a"] * s[:, 0] + self.calibration_["b"])
             self.threshold_ = choose_threshold(y, probs, self.threshold_method, self.target_sensitivity)
             self.threshold_info_ = {
