@@ -79,11 +79,11 @@ class AUC:
     se: float = 0.0  # DeLong standard error of the AUC (raw scale)
 
 
-def logit_interval(auc: float, se: float, alpha: float = 0.05, n_pairs: int = 1) -> tuple[float, float]:
+def logit_interval(auc: float, se: float, alpha: float = 0.05, n_pairs: int | None = None) -> tuple[float, float]:
     """Wald interval on the logit scale, mapped back (stays in (0, 1) and widens toward 1 at high AUC).
     An AUC of exactly 0 or 1 is moved half a pair inside the range so the transform is finite."""
     z = stats.norm.ppf(1 - alpha / 2)
-    a = float(np.clip(auc, 0.5 / n_pairs, 1 - 0.5 / n_pairs))
+    a = float(auc if n_pairs is None else np.clip(auc, 0.5 / n_pairs, 1 - 0.5 / n_pairs))
     half = z * se / (a * (1 - a))
     lo, hi = np.log(a / (1 - a)) - half, np.log(a / (1 - a)) + half
     return float(1 / (1 + np.exp(-lo))), float(1 / (1 + np.exp(-hi)))

@@ -144,11 +144,12 @@ def test_curve_command(tb_store, shared, tmp_path, capsys):
     assert code == 0
     said = capsys.readouterr()
     text = said.out + said.err
-    assert "1 labelled image(s) have no embedding" in text and "no metadata baseline" in said.err
+    assert "1 labelled image(s) have no embedding" in text
     curve = list(csv.DictReader(open(out / "curve.csv")))
-    assert len(curve) == (3 + 3 + 1) * 2
+    assert len(curve) == (3 + 3 + 1) * 3  # linear, gbm, and the baseline (TB's view: Shenzhen "frontal", Montgomery "PA")
     summary = list(csv.DictReader(open(out / "summary.csv")))
-    assert {r["probe"] for r in summary} == {"linear", "gbm"} and len(summary) == 6
+    assert {r["probe"] for r in summary} == {"linear", "gbm"} and len(summary) == 9
+    assert {r["model"] for r in summary} == {"imagenet-effnet-lite0", "metadata only (view)"}
     for r in summary:
         assert float(r["auc_ci_low"]) <= float(r["auc_mean"]) <= float(r["auc_ci_high"])
     full = [r for r in summary if r["size"] == "full"]
