@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 
 def register(sub) -> None:
@@ -20,33 +21,42 @@ def _warn(text: str) -> None:
 
 def _add_curve(sub) -> None:
     p = sub.add_parser("curve", help="data-efficiency curve: probe AUC vs. number of labelled images, per store")
-    p.add_argument("--store", action="append", required=True, help="an embedding store (repeat to compare models)")
-    p.add_argument("--labels", required=True, help="CSV with image, label, split (train/test) [, patient_id]")
+    p.add_argument("--store", action="append", required=True,
+                   help="an embedding store (repeat to compare models; the first is compared with each other one)")
+    p.add_argument("--labels", required=True, help="CSV with image, label, split (train/test) [, patient_id, view, source]")
     p.add_argument("--positive", help="the positive class, for labels other than 0/1, true/false, yes/no")
     p.add_argument("--test-labels", help="external test set CSV (image, label); replaces the test split")
     p.add_argument("--sizes", default="45,85,170,340,680,full", help="training-set sizes (default %(default)s)")
     p.add_argument("--repeats", type=int, default=20, help="draws per size (default %(default)s)")
     p.add_argument("--probe", action="append", choices=["linear", "gbm"], help="probe kind (repeatable; default both)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the draws (default %(default)s)")
-    p.add_argument("--out", required=True, help="folder for curve.csv, summary.csv and curve.png")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws and the bootstrap (default %(default)s)")
+    p.add_argument("--bootstrap", type=int, default=2000,
+                   help="replicates of the patient-level test bootstrap (default %(default)s)")
+    p.add_argument("--no-metadata-baseline", action="store_true",
+                   help="skip the metadata-only baseline (view, source columns of the labels)")
+    p.add_argument("--out", required=True, help="folder for curve.csv, summary.csv, comparison.csv and curve.png")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_curve)
 
 
 def _cmd_curve(args) -> int:
-    from .curve import parse_sizes, run_curve
+    from .curve import OUTPUT_FILES, parse_sizes, run_curve
 
     res = run_curve(args.store, args.labels, args.out, sizes=parse_sizes(args.sizes), repeats=args.repeats,
                     probes=args.probe or ["linear", "gbm"], test_labels=args.test_labels, seed=args.seed,
-                    progress=not args.no_progress, positive=args.positive, log=_warn)
-    print(f"{'model':<28} {'probe':<7} {'n_train':>7} {'AUC':>6}  95% range")
+                    progress=not args.no_progress, positive=args.positive, log=_warn, bootstrap=args.bootstrap,
+                    metadata=not args.no_metadata_baseline)
+    print(f"{'model':<36} {'probe':<7} {'n_train':>7} {'draws':>5} {'AUC':>6}  95% CI      {'AUPRC':>6}")
     for r in res.summary:
-        print(f"{r['model']:<28} {r['probe']:<7} {r['n_train']:>7} {r['auc_mean']:>6.3f}  {r['auc_ci_low']:.3f}-{r['auc_ci_high']:.3f}")
+        print(f"{r['model']:<36} {r['probe']:<7} {r['n_train']:>7} {r['draws']:>5} {r['auc_mean']:>6.3f}  "
+              f"{r['auc_ci_low']:.3f}-{r['auc_ci_high']:.3f} {r['auprc_mean']:>6.3f}")
     for c in res.comparisons:
-        print(f"full training split, {c['probe']}: {c['model_a']} AUC {c['auc_a']:.3f} vs {c['model_b']} "
-              f"{c['auc_b']:.3f}, paired DeLong p = {c['delong_p']:.3g}")
+        print(f"{c['probe']} n={c['n_train']}: {c['model_a']} - {c['model_b']} AUC {c['difference']:+.3f} "
+              f"(95% CI {c['diff_ci_low']:+.3f} to {c['diff_ci_high']:+.3f}), one-sided p = {c['p_one_sided']:.3g}, "
+              f"Holm p = {c['p_holm']:.3g}")
     shares = ", ".join(f"{k} {v:.1f} s" for k, v in res.seconds_by_probe.items())
-    print(f"wrote {args.out}/curve.csv, summary.csv, curve.png in {res.seconds:.1f} s ({shares})")
+    written = [f for f in OUTPUT_FILES if (Path(args.out) / f).exists()]
+    print(f"wrote {', '.join(written)} to {args.out} in {res.seconds:.1f} s ({shares})")
     return 0
 
 

@@ -1,4 +1,13 @@
-"""The data-efficiency curve: probe AUC against training-set size, per store (model) and probe kind."""
+"""The data-efficiency curve: probe AUC against training-set size, per store (model) and probe kind,
+with a metadata-only baseline, patient-bootstrap intervals and paired, Holm-adjusted comparisons.
+
+Statistics (probes/bootstrap.py): at each size R training draws are fitted and scored on one test
+set. Every interval (the band in curve.png, every *_ci_* column) is a 95% percentile interval of
+the mean over draws under B replicates that resample test patients and, independently, the draws;
+at `full` there is one draw, so only the test patients vary: the same computation at every size.
+Models are compared on the same draws and the same replicates (paired), one-sided (first store
+better than each other store), Holm-adjusted across all comparisons of the run.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +23,18 @@ import numpy as np
 from tqdm import tqdm
 
 from cxr_embed.errors import LabelError
-from cxr_embed.labels import MIN_PER_CLASS, read_labels
+from cxr_embed.labels import MIN_PER_CLASS, LabelTable, read_labels
 from cxr_embed.store import Store
 
-from .metrics import auc_ci, delong_test
+from .bootstrap import (Replicates, draw_resamples, mean_interval, patient_bootstrap, weighted_auc,
+                        weighted_average_precision)
+from .metrics import check_test_classes, holm
+from .plot import plot_curve
 from .probe import train_probe
+
+METADATA_COLUMNS = ("view", "source")  # columns a metadata-only baseline may use, where they vary
+OUTPUT_FILES = ("curve.csv", "summary.csv", "comparison.csv", "curve.png")
+
 
 def parse_sizes(text: str) -> list[int | str]:
     out: list[int | str] = []
@@ -57,11 +73,33 @@ def draw_training_set(labels: np.ndarray, patients: list[str], n: int, rng: np.r
 
 
 @dataclass
+class CurveData:
+    """What the curve is computed on: embeddings of every model (plus the metadata baseline's
+    features, last, when the labels have metadata that varies), train and test labels and patients."""
+
+    task: str
+    names: list[str]
+    stores: list[str]
+    train_X: list[np.ndarray]
+    test_X: list[np.ndarray]
+    tr_y: np.ndarray
+    tr_pat: list[str]
+    te_y: np.ndarray
+    te_pat: list[str]
+    external: bool
+    baseline: str | None = None  # name of the metadata-only entry of names, if any
+
+    @property
+    def grouped(self) -> bool:
+        return any(self.tr_pat)
+
+
+@dataclass
 class CurveResult:
     rows: list[dict] = field(default_factory=list)
     summary: list[dict] = field(default_factory=list)
     missing: dict[str, list[str]] = field(default_factory=dict)
-    comparisons: list[dict] = field(default_factory=list)  # paired DeLong tests on the full training split
+    comparisons: list[dict] = field(default_factory=list)  # paired, per size and probe, Holm-adjusted
     seconds_by_probe: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     seconds: float = 0.0
 
@@ -78,9 +116,34 @@ def run_curve(
     progress: bool = True,
     log=print,
     positive: str | None = None,
+    bootstrap: int = 2000,
+    metadata: bool = True,
 ) -> CurveResult:
-    """Train probes on repeated stratified draws of each size and score them on one fixed test set."""
+    """Train probes on repeated stratified draws of each size, score them on one fixed test set,
+    and write curve.csv, summary.csv, comparison.csv and curve.png to out_dir (module docstring)."""
     start = time.perf_counter()
+    result = CurveResult()
+    data = load_curve_data(stores, labels, test_labels, positive, log, result, metadata)
+    plan = _plan(data, sizes, repeats, seed, log)
+    scores = _fit_all(data, plan, list(probes), result, progress)
+    reps = patient_bootstrap(data.te_y, data.te_pat, bootstrap, seed)
+    boot = _bootstrap_all(data, scores, reps)
+    sizes_done = list(dict.fromkeys(str(s) for s, _, _ in plan))
+    resamples = {s: draw_resamples(len(plan_of(plan, s)), reps.B, seed, i) for i, s in enumerate(sizes_done)}
+    n_train = {s: int(round(np.mean([len(idx) for _, _, idx in plan_of(plan, s)]))) for s in sizes_done}
+    result.summary = _summarise(data, boot, resamples, n_train, reps)
+    result.comparisons = _compare(data, boot, resamples, n_train, list(probes), reps)
+    result.seconds = time.perf_counter() - start
+    _write_outputs(Path(out_dir), data, result, reps, max(len(plan_of(plan, s)) for s in sizes_done))
+    return result
+
+
+def plan_of(plan: list, size: str) -> list:
+    return [p for p in plan if str(p[0]) == size]
+
+
+def load_curve_data(stores, labels, test_labels, positive, log, result: CurveResult, metadata: bool) -> CurveData:
+    """Read the labels and every store; keep the images that every store holds (reporting the rest)."""
     table = read_labels(labels, require_split=True, positive=positive)
     ext = read_labels(test_labels, positive=positive) if test_labels else None
     for t in (table, ext):
@@ -89,117 +152,167 @@ def run_curve(
                              f"({', '.join(map(str, t.classes[:6]))}); name one with --positive to draw it against the rest")
     opened = [Store(s) for s in stores]
     names = _model_names(opened)
-
-    train_rows = [i for i, s in enumerate(table.splits) if s == "train"]
-    if ext is None:
-        test_ids = [table.images[i] for i, s in enumerate(table.splits) if s == "test"]
-        test_y = np.array([table.labels[i] for i, s in enumerate(table.splits) if s == "test"])
-    else:
-        test_ids, test_y = ext.images, ext.labels
-    # One test set for every store: the ids that every store holds. What is missing is reported.
-    result = CurveResult()
-    keep_train = [i for i in train_rows if all(table.images[i] in st for st in opened)]
-    keep_test = [j for j, image in enumerate(test_ids) if all(image in st for st in opened)]
+    test_table = ext or table
+    train_rows = table.rows("train")
+    test_rows = test_table.rows() if ext else table.rows("test")
     for st, name in zip(opened, names):
         miss = [table.images[i] for i in train_rows if table.images[i] not in st]
-        miss += [image for image in test_ids if image not in st]
+        miss += [test_table.images[j] for j in test_rows if test_table.images[j] not in st]
         if miss:
             result.missing[name] = miss
             log(f"warning: {len(miss)} labelled image(s) have no embedding in {st.path} (e.g. {miss[0]}); "
                 f"they are left out for every store")
+    keep_train = [i for i in train_rows if all(table.images[i] in st for st in opened)]
+    keep_test = [j for j in test_rows if all(test_table.images[j] in st for st in opened)]
     if not keep_train or not keep_test:
-        raise LabelError("no labelled train or test image has an embedding in every store")
-    tr_images = [table.images[i] for i in keep_train]
-    tr_y = table.labels[keep_train]
-    tr_pat = [table.patients[i] for i in keep_train]
-    te_images = [test_ids[j] for j in keep_test]
-    te_y = test_y[keep_test]
-    classes = np.unique(np.concatenate([tr_y, te_y]))
-    if len(np.unique(te_y)) < 2:
-        raise LabelError("the test set holds a single class: AUC is undefined")
-    positive = 1  # y is 0/1 with 1 the positive class (cxr_embed.labels)
-    multiclass = len(classes) > 2
+        raise LabelError(f"{table.path}: no labelled train or test image has an embedding in every store")
+    te_y = test_table.labels[keep_test]
+    check_test_classes(te_y == 1, f"{test_table.path} (test images with embeddings)")
+    data = CurveData(table.task, names, [str(st.path) for st in opened],
+                     [st.get([table.images[i] for i in keep_train]) for st in opened],
+                     [st.get([test_table.images[j] for j in keep_test]) for st in opened],
+                     table.labels[keep_train], [table.patients[i] for i in keep_train],
+                     te_y, [test_table.patients[j] for j in keep_test], ext is not None)
+    if metadata:
+        _add_metadata_baseline(data, table, keep_train, test_table, keep_test, log)
+    return data
 
-    train_X = [st.get(tr_images) for st in opened]
-    test_X = [st.get(te_images) for st in opened]
-    identities = [st.identity for st in opened]
 
+def metadata_features(train: LabelTable, train_rows: list[int], test: LabelTable, test_rows: list[int]
+                      ) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """One-hot features of the METADATA_COLUMNS that both tables have and that vary in training;
+    categories come from the training rows (a test value never seen in training is all zeros)."""
+    used, tr_cols, te_cols = [], [], []
+    for col in METADATA_COLUMNS:
+        if col not in train.extra or col not in test.extra:
+            continue
+        tr_vals = [train.extra[col][i].strip().upper() for i in train_rows]
+        te_vals = [test.extra[col][j].strip().upper() for j in test_rows]
+        categories = sorted(set(tr_vals))
+        if len(categories) < 2:
+            continue
+        used.append(col)
+        tr_cols += [[v == c for v in tr_vals] for c in categories]
+        te_cols += [[v == c for v in te_vals] for c in categories]
+    if not used:
+        return [], np.zeros((len(train_rows), 0)), np.zeros((len(test_rows), 0))
+    return used, np.array(tr_cols, dtype=np.float32).T, np.array(te_cols, dtype=np.float32).T
+
+
+def _add_metadata_baseline(data: CurveData, table, keep_train, test_table, keep_test, log) -> None:
+    used, Xtr, Xte = metadata_features(table, keep_train, test_table, keep_test)
+    if not used:
+        log(f"note: no metadata baseline: none of the columns {', '.join(METADATA_COLUMNS)} varies in the training rows")
+        return
+    data.baseline = f"metadata only ({', '.join(used)})"
+    data.names.append(data.baseline)
+    data.stores.append("")
+    data.train_X.append(Xtr)
+    data.test_X.append(Xte)
+
+
+def _plan(data: CurveData, sizes, repeats: int, seed: int, log) -> list[tuple]:
+    """(size, repeat, training indices) for every fit; the same draws for every model."""
+    n_all = len(data.tr_y)
     plan = []
     for size in sizes:
-        n = len(tr_images) if size == "full" else int(size)
-        if n > len(tr_images):
-            log(f"warning: size {size} is larger than the {len(tr_images)} training images; skipped")
+        n = n_all if size == "full" else int(size)
+        if n > n_all:
+            log(f"warning: size {size} is larger than the {n_all} training images; skipped")
             continue
-        reps = 1 if (size == "full" or n == len(tr_images)) else repeats  # draws of the full set are all equal
+        if n == n_all and any(p[0] == "full" for p in plan):
+            continue  # a number equal to the train split is 'full'; fit it once
+        reps = 1 if n == n_all else repeats  # draws of the full set are all equal
         for rep in range(reps):
             rng = np.random.default_rng([seed, n, rep])
-            idx = np.arange(len(tr_images)) if n == len(tr_images) else draw_training_set(tr_y, tr_pat, n, rng)
-            plan.append((size, rep, idx))
+            idx = np.arange(n_all) if n == n_all else draw_training_set(data.tr_y, data.tr_pat, n, rng)
+            plan.append(("full" if n == n_all else size, rep, idx))
+    if not plan:
+        raise LabelError(f"no size of {list(sizes)} fits in the {n_all} training images")
+    return plan
 
-    total = len(plan) * len(opened) * len(probes)
-    bar = tqdm(total=total, unit="probe", desc=f"curve {table.task}", disable=not progress, file=sys.stderr, mininterval=1.0)
-    scores_by_key: dict[tuple, list[float]] = defaultdict(list)
-    full_scores: dict[tuple, np.ndarray] = {}
+
+def _fit_all(data: CurveData, plan: list, probes: list[str], result: CurveResult, progress: bool) -> dict:
+    """Fit every (draw, model, probe); returns test-set scores keyed (model, probe, size) -> [per draw]."""
+    jobs = [(m, k) for m in range(len(data.names)) for k in probes if not (data.names[m] == data.baseline and k != "linear")]
+    bar = tqdm(total=len(plan) * len(jobs), unit="probe", desc=f"curve {data.task}", disable=not progress,
+               file=sys.stderr, mininterval=1.0)
+    scores: dict[tuple, list[np.ndarray]] = defaultdict(list)
     try:
         for size, rep, idx in plan:
-            for s_i, name in enumerate(names):
-                for kind in probes:
-                    t0 = time.perf_counter()
-                    probe = train_probe(train_X[s_i][idx], tr_y[idx], kind=kind, identity=identities[s_i], random_state=rep)
-                    proba = probe.predict_proba(test_X[s_i])
-                    if multiclass:
-                        from sklearn.metrics import roc_auc_score
-
-                        auc = float(roc_auc_score(te_y, proba, multi_class="ovr", labels=probe.classes_))
-                    else:
-                        auc = auc_ci(te_y == positive, proba[:, list(probe.classes_).index(positive)]).auc
-                    result.seconds_by_probe[kind] += time.perf_counter() - t0
-                    row = {"task": table.task, "model": name, "store": str(opened[s_i].path), "probe": kind,
-                           "size": str(size), "repeat": rep, "n_train": int(len(idx)), "auc": round(auc, 5)}
-                    result.rows.append(row)
-                    scores_by_key[(name, kind, str(size))].append(auc)
-                    if size == "full" or len(idx) == len(tr_images):
-                        if not multiclass:
-                            full_scores[(name, kind)] = proba[:, list(probe.classes_).index(positive)]
-                        ci = auc_ci(te_y == positive, proba[:, list(probe.classes_).index(positive)]) if not multiclass else None
-                        scores_by_key[(name, kind, str(size), "ci")] = [ci.ci_low, ci.ci_high] if ci else [auc, auc]
-                    bar.update(1)
+            groups = [data.tr_pat[i] for i in idx] if data.grouped else None
+            for m, kind in jobs:
+                t0 = time.perf_counter()
+                probe = train_probe(data.train_X[m][idx], data.tr_y[idx], kind=kind, groups=groups, random_state=rep)
+                p = probe.predict_proba(data.test_X[m])[:, list(probe.classes_).index(1)]
+                result.seconds_by_probe[kind] += time.perf_counter() - t0
+                scores[(data.names[m], kind, str(size))].append(p)
+                result.rows.append(_fit_row(data, m, kind, size, rep, idx, probe, p))
+                bar.update(1)
     finally:
         bar.close()
-    for name in names:
-        for kind in probes:
-            for size in dict.fromkeys(str(s) for s, _, _ in plan):
-                aucs = np.array(scores_by_key[(name, kind, size)])
-                n_train = [r["n_train"] for r in result.rows if r["model"] == name and r["probe"] == kind and r["size"] == size]
-                if len(aucs) > 1:
-                    lo, hi = np.percentile(aucs, [2.5, 97.5])
-                    method = f"2.5-97.5 percentile over {len(aucs)} training draws"
-                else:
-                    lo, hi = scores_by_key[(name, kind, size, "ci")]
-                    method = "DeLong 95% CI (single fit on the full training split)"
-                result.summary.append({
-                    "task": table.task, "model": name, "probe": kind, "size": size,
-                    "n_train": int(round(float(np.mean(n_train)))), "repeats": len(aucs),
-                    "auc_mean": round(float(aucs.mean()), 4), "auc_ci_low": round(float(lo), 4),
-                    "auc_ci_high": round(float(hi), 4), "ci_method": method,
-                })
-    for kind in probes:  # the first store against each other one, same test set: paired DeLong
-        for other in names[1:]:
-            if (names[0], kind) in full_scores and (other, kind) in full_scores:
-                t = delong_test(te_y == positive, full_scores[(names[0], kind)], full_scores[(other, kind)])
-                result.comparisons.append({"task": table.task, "probe": kind, "model_a": names[0], "model_b": other,
-                                           "n_train": len(tr_images), "auc_a": round(t.auc_a, 4),
-                                           "auc_b": round(t.auc_b, 4), "difference": round(t.difference, 4),
-                                           "delong_p": float(f"{t.p_value:.4g}")})
-    result.seconds = time.perf_counter() - start
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_csv(out / "curve.csv", result.rows)
-    _write_csv(out / "summary.csv", result.summary)
-    _write_csv(out / "comparison.csv", result.comparisons)
-    plot_curve(result.summary, out / "curve.png", title=f"{table.task}: AUC vs. labelled training images "
-               f"(test n={len(te_y)}{', external' if ext else ''})")
-    return result
+    return scores
+
+
+def _fit_row(data: CurveData, m: int, kind: str, size, rep: int, idx, probe, p: np.ndarray) -> dict:
+    ones = np.ones((1, len(p)))
+    y = data.te_y == 1
+    return {"task": data.task, "model": data.names[m], "store": data.stores[m], "probe": kind, "size": str(size),
+            "repeat": rep, "n_train": int(len(idx)), "auc": round(float(weighted_auc(y, p, ones)[0]), 5),
+            "auprc": round(float(weighted_average_precision(y, p, ones)[0]), 5),
+            "chosen": f"C={probe.C_:g}" if kind == "linear" else f"rounds={probe.n_rounds_}"}
+
+
+def _bootstrap_all(data: CurveData, scores: dict, reps: Replicates) -> dict:
+    """(model, probe, size) -> {"auc"|"auprc": (per-draw values (R,), replicate values (R, B))}."""
+    y = data.te_y == 1
+    ones = np.ones((1, len(y)))
+    out = {}
+    for key, vectors in scores.items():
+        out[key] = {}
+        for metric, fn in (("auc", weighted_auc), ("auprc", weighted_average_precision)):
+            out[key][metric] = (np.array([fn(y, v, ones)[0] for v in vectors]),
+                                np.stack([fn(y, v, reps.weights) for v in vectors]))
+    return out
+
+
+def _summarise(data: CurveData, boot: dict, resamples: dict, n_train: dict, reps: Replicates) -> list[dict]:
+    method = (f"95% CI of the mean over draws: {reps.B} replicates resampling {reps.n_patients} test patients "
+              "and the training draws (percentile)")
+    rows = []
+    for (model, kind, size), metrics in boot.items():
+        row = {"task": data.task, "model": model, "probe": kind, "size": size, "n_train": n_train[size],
+               "draws": len(metrics["auc"][0]), "n_test": len(data.te_y), "n_test_patients": reps.n_patients}
+        for metric, (per_draw, values) in metrics.items():
+            iv = mean_interval(per_draw, values, resamples[size])
+            row.update({f"{metric}_mean": round(iv.estimate, 4), f"{metric}_ci_low": round(iv.low, 4),
+                        f"{metric}_ci_high": round(iv.high, 4)})
+        lo, hi = np.percentile(metrics["auc"][0], [2.5, 97.5])
+        row.update({"auc_draws_low": round(float(lo), 4), "auc_draws_high": round(float(hi), 4), "ci_method": method})
+        rows.append(row)
+    return rows
+
+
+def _compare(data: CurveData, boot: dict, resamples: dict, n_train: dict, probes: list[str],
+             reps: Replicates) -> list[dict]:
+    """The first store against each other store, per probe and size: paired difference of mean AUC,
+    its interval, a one-sided p (first better), Holm-adjusted across every row."""
+    models = [n for n in data.names if n != data.baseline]
+    rows = []
+    for kind in probes:
+        for other in models[1:]:
+            for size in resamples:
+                a, b = boot[(models[0], kind, size)]["auc"], boot[(other, kind, size)]["auc"]
+                iv = mean_interval(a[0] - b[0], a[1] - b[1], resamples[size])
+                rows.append({"task": data.task, "probe": kind, "size": size, "n_train": n_train[size],
+                             "draws": len(a[0]), "model_a": models[0], "model_b": other,
+                             "auc_a": round(float(a[0].mean()), 4), "auc_b": round(float(b[0].mean()), 4),
+                             "difference": round(iv.estimate, 4), "diff_ci_low": round(iv.low, 4),
+                             "diff_ci_high": round(iv.high, 4), "p_one_sided": float(f"{iv.p_greater:.4g}"),
+                             "n_test": len(data.te_y), "n_test_patients": reps.n_patients, "bootstrap": reps.B})
+    for row, p in zip(rows, holm([r["p_one_sided"] for r in rows])):
+        row["p_holm"] = float(f"{p:.4g}")
+    return rows
 
 
 def _model_names(stores: list[Store]) -> list[str]:
@@ -207,6 +320,18 @@ def _model_names(stores: list[Store]) -> list[str]:
     if len(set(names)) == len(names):
         return names
     return [f"{s.model_name} ({s.path.stem})" for s in stores]
+
+
+def _write_outputs(out: Path, data: CurveData, result: CurveResult, reps: Replicates, draws: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    _write_csv(out / "curve.csv", result.rows)
+    _write_csv(out / "summary.csv", result.summary)
+    _write_csv(out / "comparison.csv", result.comparisons)
+    n_pos = int((data.te_y == 1).sum())
+    title = (f"{data.task}: test n={len(data.te_y)} ({n_pos} positive, {reps.n_patients} patients"
+             f"{', external' if data.external else ''}); {draws} training draws per size, 1 at full")
+    plot_curve(result.summary, result.comparisons, out / "curve.png", title=title, baseline=data.baseline,
+               prevalence=n_pos / len(data.te_y))
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -218,39 +343,3 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         w.writeheader()
         w.writerows(rows)
     os.replace(tmp, path)
-
-
-def plot_curve(summary: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
-    styles = {"linear": "-", "gbm": "--"}
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    models = list(dict.fromkeys(r["model"] for r in summary))
-    for m_i, model in enumerate(models):
-        for kind in dict.fromkeys(r["probe"] for r in summary):
-            rows = sorted((r for r in summary if r["model"] == model and r["probe"] == kind), key=lambda r: r["n_train"])
-            if not rows:
-                continue
-            x = [r["n_train"] for r in rows]
-            colour = colours[m_i % len(colours)]
-            ax.plot(x, [r["auc_mean"] for r in rows], styles.get(kind, ":"), marker="o", ms=4, color=colour,
-                    label=f"{model} / {kind}")
-            ax.fill_between(x, [r["auc_ci_low"] for r in rows], [r["auc_ci_high"] for r in rows], color=colour,
-                            alpha=0.12 if kind == "linear" else 0.07)
-    ax.set_xscale("log")
-    ticks = sorted({r["n_train"] for r in summary})
-    ax.set_xticks(ticks)
-    ax.set_xticklabels([str(t) for t in ticks])
-    ax.minorticks_off()
-    ax.set_xlabel("labelled training images (log scale)")
-    ax.set_ylabel("test AUC (mean; band: 95% range)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

@@ -12,8 +12,9 @@ from cxr_embed import ModelMismatch, Store
 from cxr_embed.cli import main
 from cxr_embed.errors import LabelError
 from probes import Probe, ProbeFileError, auc_ci, delong_test, load_probe, save_probe, sensitivity_specificity, train_probe
-from cxr_embed.labels import read_labels
+from cxr_embed.labels import MIN_PER_CLASS, read_labels
 from probes.curve import draw_training_set
+from probes.metrics import logit_interval
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def test_multiclass_and_string_labels(tb):
 def test_too_few_examples_named(tb):
     _, Xtr, ytr, _, _ = tb
     idx = np.r_[np.flatnonzero(ytr == 0)[:10], np.flatnonzero(ytr == 1)[:2]]
-    with pytest.raises(LabelError, match=r"at least 5 .*1: 2"):  # cxr_embed.labels.MIN_PER_CLASS
+    with pytest.raises(LabelError, match=rf"at least {MIN_PER_CLASS} .*1: 2"):
         train_probe(Xtr[idx], ytr[idx])
     with pytest.raises(LabelError, match="two classes"):
         train_probe(Xtr[:10], np.zeros(10))
@@ -120,8 +121,9 @@ def test_delong_matches_definition():
     a = auc_ci(y, s)
     auc, var = _delong_bruteforce(y, s)
     assert a.auc == pytest.approx(auc) == pytest.approx(roc_auc_score(y, s))
-    half = 1.959964 * np.sqrt(var)
-    assert a.ci_low == pytest.approx(auc - half) and a.ci_high == pytest.approx(auc + half)
+    assert a.se == pytest.approx(np.sqrt(var))
+    assert (a.ci_low, a.ci_high) == pytest.approx(logit_interval(auc, np.sqrt(var)))
+    assert a.ci_low < auc < a.ci_high
     same = delong_test(y, s, s)
     assert same.p_value == 1.0 and same.difference == 0
     noise = delong_test(y, s, rng.normal(size=300))
@@ -140,18 +142,22 @@ def test_curve_command(tb_store, shared, tmp_path, capsys):
     code = main(["curve", "--store", str(tb_store), "--labels", str(labels), "--sizes", "45,85,full",
                  "--repeats", "3", "--out", str(out), "--no-progress"])
     assert code == 0
-    captured = capsys.readouterr()
-    assert "1 labelled image(s) have no embedding" in captured.err  # warnings go to stderr
-    text = captured.out
+    said = capsys.readouterr()
+    text = said.out + said.err
+    assert "1 labelled image(s) have no embedding" in text
     curve = list(csv.DictReader(open(out / "curve.csv")))
-    assert len(curve) == (3 + 3 + 1) * 2
+    assert len(curve) == (3 + 3 + 1) * 3  # linear, gbm, and the baseline (TB's view: Shenzhen "frontal", Montgomery "PA")
     summary = list(csv.DictReader(open(out / "summary.csv")))
-    assert {r["probe"] for r in summary} == {"linear", "gbm"} and len(summary) == 6
+    assert {r["probe"] for r in summary} == {"linear", "gbm"} and len(summary) == 9
+    assert {r["model"] for r in summary} == {"imagenet-effnet-lite0", "metadata only (view)"}
     for r in summary:
         assert float(r["auc_ci_low"]) <= float(r["auc_mean"]) <= float(r["auc_ci_high"])
     full = [r for r in summary if r["size"] == "full"]
     assert all(int(r["n_train"]) == 228 for r in full)
     assert (out / "curve.png").stat().st_size > 10_000
+    assert {r["ci_method"] for r in summary} == {summary[0]["ci_method"]}  # one kind of interval at every size
+    assert all(int(r["n_test"]) == 98 and int(r["draws"]) == (1 if r["size"] == "full" else 3) for r in summary)
+    assert all(0 < float(r["auprc_ci_low"]) <= float(r["auprc_mean"]) <= float(r["auprc_ci_high"]) for r in summary)
     assert (out / "curve.csv").exists() and not (out / "comparison.csv").exists()  # one store: nothing to compare
 
 
@@ -163,8 +169,11 @@ def test_curve_compares_two_stores_with_delong(tb_store, shared, tmp_path, capsy
                  str(shared / "tasks" / "tb_shenzhen_mc.csv"), "--sizes", "45,full", "--repeats", "2",
                  "--probe", "linear", "--out", str(out), "--no-progress"]) == 0
     rows = list(csv.DictReader(open(out / "comparison.csv")))
-    assert len(rows) == 1 and float(rows[0]["difference"]) == 0.0 and float(rows[0]["delong_p"]) == 1.0
-    assert "paired DeLong p = 1" in capsys.readouterr().out
+    assert [r["size"] for r in rows] == ["45", "full"] and [r["draws"] for r in rows] == ["2", "1"]
+    for r in rows:  # the same embeddings: every replicate's difference is 0
+        assert float(r["difference"]) == float(r["diff_ci_low"]) == float(r["diff_ci_high"]) == 0.0
+        assert float(r["p_one_sided"]) == float(r["p_holm"]) == 1.0
+    assert "Holm p = 1" in capsys.readouterr().out
 
 
 def test_probe_command_and_label_errors(tb_store, shared, tmp_path, capsys):
