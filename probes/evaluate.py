@@ -88,11 +88,13 @@ def evaluate_probe(probe: str | os.PathLike | Probe, store: str | os.PathLike | 
     which, described = _rows(table, split)
     rows = table.rows_in(store, which, f"store {store.path}", warn=warn)
     y = table.y[rows] == 1
-    if y.all() or not y.any():
-        raise LabelError(f"{table.path}: the {described} holds only {'positive' if y.all() else 'negative'} images "
-                         f"found in the store; AUC needs both classes")
+    if min(int(y.sum()), int((~y).sum())) < 2:
+        raise LabelError(f"{table.path}: the {described} holds {int(y.sum())} positive and {int((~y).sum())} negative "
+                         "image(s) found in the store; an AUC and its interval need at least 2 of each")
     p = probe.predict_proba(store.get([table.images[i] for i in rows]))[:, 1]
-    auc, pr = auc_ci(y, p), auprc_ci(y, p, n_boot=n_boot, seed=seed)
+    patients = [table.patients[i] for i in rows]
+    auc = auc_ci(y, p, groups=patients if all(patients) else None)  # clustered by patient where ids exist
+    pr = auprc_ci(y, p, n_boot=n_boot, seed=seed)
     sens, spec = sensitivity_specificity(y, p, probe.threshold_)
     return Evaluation(getattr(probe, "name", name) or name, str(labels), table.positive, described, len(rows),
                       int(y.sum()), int((~y).sum()), auc.auc, auc.ci_low, auc.ci_high, pr.auprc, pr.ci_low,

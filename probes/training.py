@@ -54,10 +54,11 @@ def train_probe_from_labels(store: str | os.PathLike | Store, labels: str | os.P
     path = save_probe(probe, out, name=name, description=getattr(probe, "description", "")) if out else None
     test = None
     test_rows = [i for i in table.rows("test") if table.images[i] in store] if any(table.splits) else []
-    if test_rows and table.binary and len(set(table.y[test_rows].tolist())) == 2:
-        y = table.y[test_rows] == 1
+    y = table.y[test_rows] == 1 if table.binary else None
+    if test_rows and table.binary and min(int(y.sum()), int((~y).sum())) >= 2:  # an AUC CI needs 2 of each
         p = probe.predict_proba(store.get([table.images[i] for i in test_rows]))[:, 1]
-        a = auc_ci(y, p)
+        patients = [table.patients[i] for i in test_rows]
+        a = auc_ci(y, p, groups=patients if all(patients) else None)  # clustered by patient where ids exist
         sens, spec = sensitivity_specificity(y, p, probe.threshold_)
         test = {"auc": a.auc, "ci_low": a.ci_low, "ci_high": a.ci_high, "sensitivity": sens, "specificity": spec,
                 "n": len(test_rows)}
