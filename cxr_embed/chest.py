@@ -138,7 +138,7 @@ def check_chest(info: ImageInfo, embedding: np.ndarray | None, reference: Refere
         checked_by.append("image")
         sim = float(reference.nearest_similarity(embedding)[0])
         thr = reference.threshold
-        if sim < thr:
+        if not sim >= thr:  # a NaN similarity is no evidence of a chest radiograph
             reasons.append(f"the image does not look like a chest radiograph: its embedding's similarity to the "
                            f"nearest reference CXR is {sim:.3f}, below {thr:.3f}")
     return ChestCheck(not reasons, reasons, sim, thr, checked_by)
@@ -160,3 +160,9 @@ def build_reference(sources: list, model: str = CHECK_MODEL, size: int = CHECK_S
     embs = np.concatenate([check_embeddings(embedder.model, torch.stack(tensors[i : i + batch]), size)
                            for i in range(0, len(tensors), batch)])
     return ReferenceSet.build(embs, embedder.model.weights_hash, size=size)
+
+
+def is_reliable(info: ImageInfo, chest: ChestCheck) -> bool:
+    """Whether scores on an image can be trusted: a frontal CXR, decoded without a flag (a DX image
+    "for processing", a broken window ignored). The one rule for the service, predict and listen."""
+    return bool(chest.is_frontal_cxr and info.reliable)

@@ -140,3 +140,10 @@ class ConfigError(CxrEmbedError, ValueError):
     """A setting (command-line option, environment variable, argument) has a value we cannot use."""
 
     code = "bad_setting"
+
+
+class NonFiniteEmbedding(ModelError):
+    """The model gave NaN or infinite values for an image (damaged weights, a broken backend):
+    a failure of ours for that image, never an embedding."""
+
+    code = "non_finite_embedding"

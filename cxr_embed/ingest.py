@@ -29,12 +29,21 @@ MIN_SIDE = 128
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
+    """The bytes of a regular file; anything else (missing, a folder, a FIFO that would block, a file
+    we may not read) is an InputError naming the path."""
+    import stat
+
     p = Path(path)
-    if not p.exists():
-        raise InputError(f"no such file: {p}")
-    if p.is_dir():
-        raise InputError(f"is a directory, not an image: {p}")
-    return p.read_bytes()
+    try:
+        mode = os.stat(p).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, socket or device)"
+            raise InputError(f"{p} is {kind}, not an image file")
+        return p.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"no such file: {p}") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {p}: {exc.strerror or exc}") from None
 
 
 def load_image(source: ImageSource, min_side: int = MIN_SIDE, max_pixels: int = MAX_PIXELS) -> DecodedImage:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -178,14 +179,23 @@ def _encode(table: LabelTable, positive: str | None) -> None:
     found = sorted(set(raw))
     if len(found) < 2:
         raise LabelError(f"{table.path}: every row has the label {found[0]!r}; a probe needs two or more classes")
+    lowered = {v.lower() for v in found}
+    boolean = lowered <= TRUE_WORDS | FALSE_WORDS and bool(lowered & TRUE_WORDS) and bool(lowered & FALSE_WORDS)
+    if positive is not None and boolean and positive.lower() in TRUE_WORDS | FALSE_WORDS:
+        # yes/no labels in any case: "--positive yes" takes "Yes" and "YES" too
+        side = TRUE_WORDS if positive.lower() in TRUE_WORDS else FALSE_WORDS
+        table.y = np.array([1 if v.lower() in side else 0 for v in raw], dtype=np.int64)
+        table.classes = [0, 1]
+        table.positive = "/".join(v for v in found if v.lower() in side)
+        table.negative = "/".join(v for v in found if v.lower() not in side)
+        return
     if positive is not None:
         if positive not in found:
             raise LabelError(f"{table.path}: positive class {positive!r} is not a label of the file "
                              f"(labels found: {examples(found, 10)})")
         _set_binary(table, raw, positive, "rest" if len(found) > 2 else next(v for v in found if v != positive))
         return
-    lowered = {v.lower() for v in found}
-    if lowered <= TRUE_WORDS | FALSE_WORDS and lowered & TRUE_WORDS and lowered & FALSE_WORDS:
+    if boolean:
         pos = [v for v in found if v.lower() in TRUE_WORDS]
         neg = [v for v in found if v.lower() in FALSE_WORDS]
         table.y = np.array([1 if v.lower() in TRUE_WORDS else 0 for v in raw], dtype=np.int64)
@@ -195,7 +205,10 @@ def _encode(table: LabelTable, positive: str | None) -> None:
         raise LabelError(f"{table.path}: labels {examples(found)} do not say which class is positive: "
                          f"name it (--positive {found[0]!r} or --positive {found[1]!r}, or positive= in Python), "
                          "or write the labels as 0/1")
-    ints = all(v.lstrip("-").isdigit() for v in found)
+    ints = all(re.fullmatch(r"-?[0-9]+", v) for v in found)
+    if ints and len({int(v) for v in found}) < len(found):  # "01" and "1": one class or two?
+        raise LabelError(f"{table.path}: labels {examples(found, 10)} name the same number in different ways; "
+                         "write each class one way")
     table.y = np.array([int(v) for v in raw] if ints else raw)
     table.classes = sorted(set(table.y.tolist()))
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .ingest import MIN_SIDE, ImageSource, load_image
+from .ingest import MAX_PIXELS, MIN_SIDE, ImageSource, load_image
 from .models import default_model_name, get_spec
 from .preprocess import PreprocessConfig, preprocess
 
@@ -22,12 +22,12 @@ def tensor_image(tensor: torch.Tensor, config: PreprocessConfig) -> Image.Image:
 
 
 def preview_image(source: ImageSource, config: PreprocessConfig | None = None,
-                  min_side: int = MIN_SIDE) -> Image.Image:
+                  min_side: int = MIN_SIDE, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """The exact model input of `source` (decoded, windowed, letterboxed, normalised) as a grey
     image; `config`: the preprocessing (default: the default model's). Raises the same typed errors
     as `load_image` for inputs the model would refuse."""
     config = config or get_spec(default_model_name()).preprocess
-    return tensor_image(preprocess(load_image(source, min_side=min_side), config), config)
+    return tensor_image(preprocess(load_image(source, min_side=min_side, max_pixels=max_pixels), config), config)
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -37,6 +37,7 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def preview_png(source: ImageSource, config: PreprocessConfig | None = None, min_side: int = MIN_SIDE) -> bytes:
+def preview_png(source: ImageSource, config: PreprocessConfig | None = None, min_side: int = MIN_SIDE,
+                max_pixels: int = MAX_PIXELS) -> bytes:
     """`preview_image` as PNG bytes."""
-    return png_bytes(preview_image(source, config, min_side))
+    return png_bytes(preview_image(source, config, min_side, max_pixels))

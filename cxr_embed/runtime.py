@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .chest import CHECK_MODEL, ChestCheck, ReferenceSet, check_chest, check_embeddings, needs_image_check
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, NonFiniteEmbedding
 from .identity import ModelIdentity
 from .image import ImageInfo
 from .ingest import MAX_PIXELS, MIN_SIDE, ImageSource, load_image
@@ -336,9 +336,12 @@ class Runtime:
                 if p.error is not None:
                     yield EmbeddingResult(key, None, None, p.error)
                     continue
-                chest = self.chest_check(p.info, checks[j]) if self.reference is not None else None
-                yield EmbeddingResult(key, embs[j], p.info, None, chest)
-                j += 1
+                emb, j = embs[j], j + 1
+                if not np.isfinite(emb).all():  # never handed on as data (errors.NonFiniteEmbedding)
+                    yield EmbeddingResult(key, None, p.info, NonFiniteEmbedding("the model gave a non-finite embedding"))
+                    continue
+                chest = self.chest_check(p.info, checks[j - 1]) if self.reference is not None else None
+                yield EmbeddingResult(key, emb, p.info, None, chest)
 
     def _prepared_batches(self, items: Iterable[tuple[object, ImageSource]], batch_size: int):
         pending: deque[tuple[object, Future]] = deque()

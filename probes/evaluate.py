@@ -10,7 +10,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cxr_embed.errors import LabelError
+from cxr_embed.errors import ModelMismatch, LabelError
+from cxr_embed.identity import ModelIdentity
 from cxr_embed.labels import read_labels
 from cxr_embed.store import Store
 
@@ -78,6 +79,9 @@ def evaluate_probe(probe: str | os.PathLike | Probe, store: str | os.PathLike | 
     store = store if isinstance(store, Store) else Store(store)
     name = getattr(probe, "name", None) if isinstance(probe, Probe) else Path(probe).stem
     probe = probe if isinstance(probe, Probe) else load_probe(probe, expected_identity=store.identity)
+    if probe.identity is None:
+        raise ModelMismatch(f"probe {name} does not record which embedding model it was trained on")
+    ModelIdentity.coerce(probe.identity).check(store.identity, f"store {store.path}")  # one model, or refuse
     if len(probe.classes_) != 2:
         raise LabelError(f"probe {name} has {len(probe.classes_)} classes; evaluate scores binary probes "
                          "(AUC, sensitivity, specificity)")

@@ -19,6 +19,7 @@ from typing import Mapping
 
 from tqdm import tqdm
 
+from cxr_embed.chest import is_reliable
 from cxr_embed.batch import InputItem, check_paths_exist, list_inputs
 from cxr_embed.embedder import Embedder
 from cxr_embed.errors import CxrEmbedError
@@ -64,7 +65,8 @@ def score_row(image_id: str, result, probes: Mapping[str, Probe]) -> dict:
     if result.error is not None:
         return {**row, "error": f"{result.error.code}: {result.error}"}
     chest = result.chest
-    scores = score_embedding(probes, result.embedding, reliable=chest.is_frontal_cxr)
+    reliable = is_reliable(result.info, chest)
+    scores = score_embedding(probes, result.embedding, reliable=reliable)
     for name, s in scores.items():
         if "probability" in s:
             row[f"{name}.probability"] = s["probability"]
@@ -72,8 +74,9 @@ def score_row(image_id: str, result, probes: Mapping[str, Probe]) -> dict:
         else:
             row.update({f"{name}.P({c})": p for c, p in zip(s["classes"], s["probabilities"])})
             row[f"{name}.predicted"] = s["predicted"]
-    return {**row, "reliable": int(chest.is_frontal_cxr), "is_frontal_cxr": int(chest.is_frontal_cxr),
-            "chest_check_reasons": "; ".join(chest.reasons)}
+    reasons = chest.reasons + result.info.unreliable_reasons
+    return {**row, "reliable": int(reliable), "is_frontal_cxr": int(chest.is_frontal_cxr),
+            "chest_check_reasons": "; ".join(reasons)}
 
 
 def load_for_predict(path: str | os.PathLike | None) -> tuple[dict[str, Probe], ModelIdentity]:

@@ -78,11 +78,17 @@ class GroupCommitter:
                 self._commit(items)
 
     def _commit(self, items: list[tuple[Record, Future]]) -> None:
-        for record, _ in items:
-            if record.error is None:
-                self.writer.add(record.image_id, record.embedding, record.metadata)
-            elif record.image_id not in self.writer.done_ids:  # a failed resend does not mark a stored one failed
-                self.writer.fail(record.image_id, record.error)
+        kept = []
+        for record, fut in items:
+            try:
+                if record.error is None:
+                    self.writer.add(record.image_id, record.embedding, record.metadata)
+                elif record.image_id not in self.writer.done_ids:  # a failed resend does not mark a stored one failed
+                    self.writer.fail(record.image_id, record.error)
+                kept.append((record, fut))
+            except Exception as exc:  # this record alone fails (its sender gets a status); the thread goes on
+                fut.set_exception(exc)
+        items = kept
         try:
             self.writer.commit()
             self.commits += 1

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 
-from cxr_embed.errors import (CxrEmbedError, EmptyInput, ImageTooLarge, ImageTooSmall, InputError, MultiFrameImage,
+from cxr_embed.errors import (CxrEmbedError, EmptyInput, NonFiniteEmbedding, ImageTooLarge, ImageTooSmall, InputError, MultiFrameImage,
                               NoPixelData, NotAnImage, TruncatedImage, UndecodableImage, UnsupportedImage)
 
 from .engine import NotReady, QueueFull
@@ -64,9 +64,6 @@ class ShuttingDown(InstanceRefused):
 class Timeout(InstanceRefused):
     code = "timeout"
 
-
-class NonFiniteEmbedding(CxrEmbedError):
-    code = "non_finite_embedding"
 
 
 # first match wins: subclasses before their bases

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from cxr_embed.chest import ChestCheck
-from cxr_embed.errors import CxrEmbedError, InputError
+from cxr_embed.chest import ChestCheck, is_reliable
+from cxr_embed.errors import CxrEmbedError, InputError, NonFiniteEmbedding
 from cxr_embed.image import ImageInfo
 from cxr_embed.preview import preview_png
 from cxr_embed.runtime import Prepared, Runtime
@@ -194,10 +194,12 @@ class Engine:
         waiting = self._enqueue([(res, p) for res, p in zip(results, prepared) if p.error is None])
         for res, fut in waiting:
             emb, check_emb = await asyncio.wrap_future(fut)
+            if not np.isfinite(emb).all():  # never a NaN in a reply: this image fails, on our side (500)
+                res.error = NonFiniteEmbedding("the model gave a non-finite embedding for this image")
+                continue
             res.embedding = emb
             res.chest = self.runtime.chest_check(res.info, check_emb)
-            reliable = res.chest.is_frontal_cxr and res.info.reliable  # e.g. a DX image "for processing"
-            res.scores = score_embedding(self.probes, emb, probe_names, reliable=reliable)
+            res.scores = score_embedding(self.probes, emb, probe_names, reliable=is_reliable(res.info, res.chest))
         return results
 
     def _enqueue(self, jobs: list[tuple[ImageResult, Prepared]]) -> list[tuple[ImageResult, Future]]:
@@ -222,7 +224,7 @@ class Engine:
             raise NotReady("the model is still loading; retry when /ready answers 200")
         config, min_side = self.runtime.model.preprocess, self.settings.runtime.min_side
         return await asyncio.get_running_loop().run_in_executor(
-            self.runtime.decode_pool, preview_png, data, config, min_side)
+            self.runtime.decode_pool, preview_png, data, config, min_side, self.settings.runtime.max_pixels)
 
     def prepare(self, data: bytes) -> Prepared:
         """Decode and preprocess one input in the runtime's decoding pool, from any thread (the batcher

@@ -32,6 +32,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 
+from cxr_embed.chest import is_reliable
 from cxr_embed.errors import ConfigError, CxrEmbedError
 from cxr_embed.store import StoreWriter
 from probes.scoring import score_embedding
@@ -70,11 +71,12 @@ class ListenerSettings:
     # received instances (max_associations x max_instance_bytes) and keeps the engine's queue from filling
     max_associations: int = 8
     max_instance_bytes: int = 64 * 2**20
-    max_pixels: int = 50_000_000  # rows x columns x frames x samples, checked before decoding
+    max_pixels: int = 0  # rows x columns x frames x samples, checked before decoding; 0: the runtime's (CXR_EMBED_MAX_PIXELS)
     wait_s: float = 120.0  # longest a handler waits for the model, then for the commit
     stop_grace_s: float = 5.0  # on stop, how long open associations may go on before they are aborted
 
     def __post_init__(self):
+        self.max_pixels = self.max_pixels or self.service.runtime.max_pixels
         for name in ("max_associations", "max_instance_bytes", "max_pixels"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)!r}")
@@ -258,7 +260,7 @@ class Listener:
         if not np.isfinite(emb).all():
             raise NonFiniteEmbedding("the model gave a non-finite embedding")
         chest = self.engine.runtime.chest_check(prepared.info, check_emb)
-        scores = score_embedding(self.engine.probes, emb, reliable=chest.is_frontal_cxr)
+        scores = score_embedding(self.engine.probes, emb, reliable=is_reliable(prepared.info, chest))
         meta = {"dicom": header_metadata(header), "findings": prepared.info.to_dict(), "chest_check": chest.to_dict(),
                 "scores": scores, "calling_ae_title": str(event.assoc.requestor.ae_title).strip()}
         return Record(image_id, emb, meta)
