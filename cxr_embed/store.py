@@ -53,7 +53,7 @@ from .errors import (
 FORMAT_VERSION = 2
 FORMAT = f"cxr-embed-store/{FORMAT_VERSION}"
 LEGACY_FORMAT = "cxr-embed-store/1"  # written before checksums (up to f17ef0b)
-IDENTITY_KEYS = ("model_name", "weights_hash", "preprocess_version", "dim")
+IDENTITY_KEYS = ModelIdentity.keys_()  # the attributes a store records its model by
 COLUMNS = ("ids", "metadata", "failed/ids", "failed/errors")
 _LIBVER = ("v110", "v110")  # object headers and chunk indexes with checksums; readable by HDF5 >= 1.10
 _BLOCK = 4096  # rows per read when a whole store is copied

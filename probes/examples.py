@@ -14,7 +14,6 @@ DATA_DIR = Path(__file__).with_name("data")
 EXAMPLE_PROBE = DATA_DIR / "nih-pneumonia-linear.json"
 EXAMPLE_IMAGE = DATA_DIR / "example-nih-00000061_015.jpg"
 EXAMPLE_IMAGE_NOTE = "NIH ChestX-ray14 00000061_015.jpg, a test-split image whose report lists Pneumonia"
-NO_PROBES = "none"  # `--probes none`: serve without probes
 
 
 def example_probe_path() -> Path:

@@ -13,7 +13,7 @@ import re
 import numpy as np
 
 from cxr_embed.errors import CxrEmbedError
-from cxr_embed.store import IDENTITY_KEYS
+from cxr_embed.identity import ModelIdentity
 
 from .probe import KINDS, Probe
 from .trees import TreeModelError, parse_lightgbm_model
@@ -170,8 +170,8 @@ def _cs(v: object, where: str) -> tuple[float, ...] | None:
 
 def _identity(v: object, where: str) -> dict:
     """The embedding model a probe was trained on: the keys every store and embedding records."""
-    d = _keys(v, where, set(IDENTITY_KEYS))
-    out = {k: _str(d[k], f"{where}.{k}") for k in IDENTITY_KEYS if k != "dim"}
+    d = _keys(v, where, set(ModelIdentity.keys_()))
+    out = {k: _str(d[k], f"{where}.{k}") for k in ModelIdentity.keys_() if k != "dim"}
     return {**out, "dim": _int(d["dim"], f"{where}.dim", 1, MAX_FEATURES)}
 
 

@@ -8,6 +8,8 @@ import socket
 from cxr_embed.cli import add_backend_options
 from cxr_embed.errors import ConfigError, CxrEmbedError
 
+from .server import LOG_FORMATS
+
 
 def register(sub) -> None:
     """Add this package's subcommands to the `cxr-embed` parser."""
@@ -25,7 +27,7 @@ def register(sub) -> None:
                    help="is-it-a-frontal-CXR check by the image: auto (default) when DICOM tags do not already say "
                         "CR/DX chest AP/PA, always, or never (tags only) (CXR_EMBED_IMAGE_CHECK)")
     p.add_argument("--log-level", default="info", help="log level (default %(default)s)")
-    p.add_argument("--log-format", default=None, choices=["text", "json"],
+    p.add_argument("--log-format", default=None, choices=LOG_FORMATS,
                    help="text, or JSON lines with request ids (CXR_EMBED_LOG_FORMAT; default text)")
     p.set_defaults(func=_cmd_serve)
     _add_listen(sub)

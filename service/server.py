@@ -13,7 +13,7 @@ import logging
 import sys
 import time
 
-LOG_FORMATS = ("text", "json")
+LOG_FORMATS = ("text", "json")  # CXR_EMBED_LOG_FORMAT, serve --log-format
 
 
 class JsonFormatter(logging.Formatter):

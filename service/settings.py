@@ -52,7 +52,9 @@ class ServiceSettings:
         if isinstance(self.search_metadata, str):
             self.search_metadata = tuple(f.strip() for f in self.search_metadata.split(",") if f.strip())
         self.search_metadata = tuple(self.search_metadata)
-        if self.log_format not in ("text", "json"):
+        from .server import LOG_FORMATS
+
+        if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"{ENV_PREFIX}LOG_FORMAT={self.log_format!r}: expected text or json")
         for name in ("max_body_bytes", "max_files", "max_batch", "max_queue", "max_connections"):
             if int(getattr(self, name)) < 1:
