@@ -22,7 +22,7 @@ import torch
 from cxr_embed.chest import ChestCheck, is_reliable
 from cxr_embed.errors import CxrEmbedError, InputError, NonFiniteEmbedding
 from cxr_embed.image import ImageInfo
-from cxr_embed.preview import preview_png
+from cxr_embed.preview import png_bytes, tensor_image
 from cxr_embed.runtime import Prepared, Runtime
 from probes.scoring import UnknownProbe, check_names, score_embedding
 
@@ -222,9 +222,10 @@ class Engine:
         """The PNG of the model's input for `data` (decoded in the decoding pool); raises its InputError."""
         if not self.ready:
             raise NotReady("the model is still loading; retry when /ready answers 200")
-        config, min_side = self.runtime.model.preprocess, self.settings.runtime.min_side
-        return await asyncio.get_running_loop().run_in_executor(
-            self.runtime.decode_pool, preview_png, data, config, min_side, self.settings.runtime.max_pixels)
+        prepared = await asyncio.get_running_loop().run_in_executor(self.runtime.decode_pool, self.runtime.prepare, data)
+        if prepared.error is not None:
+            raise prepared.error
+        return png_bytes(tensor_image(prepared.tensor, self.runtime.model.preprocess))  # the runtime's own input
 
     def prepare(self, data: bytes) -> Prepared:
         """Decode and preprocess one input in the runtime's decoding pool, from any thread (the batcher
