@@ -2,9 +2,7 @@
 echoscu (other processes) and by a pynetdicom script for data sets storescu will not send."""
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +16,7 @@ from pydicom.uid import generate_uid
 from cxr_embed import Store
 from cxr_embed.models import create_model
 from probes import save_probe, train_probe
+from servers import free_port
 
 MODEL = "imagenet-effnet-lite0"
 MARKERS = ("ZZQMARKERNAME", "ZZQMARKERID77", "19011231")  # PatientName, PatientID, PatientBirthDate of a copy
@@ -44,12 +43,6 @@ for path in paths:
 assoc.release()
 print(json.dumps(out))
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _copy(src, dst, **changes):
@@ -113,7 +106,7 @@ def _start(tmp, port, probes):
 def session(dcm_dir, tmp_path_factory):
     """Everything sent once to one listener, which is then stopped with SIGTERM."""
     tmp = tmp_path_factory.mktemp("listener")
-    port = _free_port()
+    port = free_port()
     marked, marked_uid = _copy(dcm_dir / "RG1_UNCR.dcm", tmp / "marked.dcm", PatientName=MARKERS[0] + "^PAT",
                                PatientID=MARKERS[1], PatientBirthDate=MARKERS[2])
     garbage = tmp / "garbage.dcm"
