@@ -71,13 +71,11 @@ class ListenerSettings:
     # received instances (max_associations x max_instance_bytes) and keeps the engine's queue from filling
     max_associations: int = 8
     max_instance_bytes: int = 64 * 2**20
-    max_pixels: int = 0  # rows x columns x frames x samples, checked before decoding; 0: the runtime's (CXR_EMBED_MAX_PIXELS)
     wait_s: float = 120.0  # longest a handler waits for the model, then for the commit
     stop_grace_s: float = 5.0  # on stop, how long open associations may go on before they are aborted
 
     def __post_init__(self):
-        self.max_pixels = self.max_pixels or self.service.runtime.max_pixels
-        for name in ("max_associations", "max_instance_bytes", "max_pixels"):
+        for name in ("max_associations", "max_instance_bytes"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)!r}")
         if not 0 < len(self.ae_title.strip()) <= 16:
@@ -105,19 +103,13 @@ def read_header(data: bytes) -> Dataset:
         raise UnreadableDataset(f"the data set cannot be decoded ({type(exc).__name__})") from None
 
 
-def check_header(ds: Dataset, sop_class: str, sop_instance: str, max_pixels: int) -> None:
-    """Refuse a data set that is not what the request announced, or too many pixels to decode."""
+def check_header(ds: Dataset, sop_class: str, sop_instance: str) -> None:
+    """Refuse a data set that is not what the request announced. (Its pixel count is checked, before
+    decoding, by the runtime's ingestion: `ImageTooLarge`, CXR_EMBED_MAX_PIXELS.)"""
     if str(ds.get("SOPClassUID", "")) != str(sop_class):
         raise SopMismatch("the data set's SOP Class UID is not the request's")
     if str(ds.get("SOPInstanceUID", "")) != str(sop_instance):
         raise SopMismatch("the data set's SOP Instance UID is not the request's")
-    try:
-        dims = [int(ds.get(k, 1) or 1) for k in ("Rows", "Columns", "NumberOfFrames", "SamplesPerPixel")]
-    except (TypeError, ValueError):
-        raise UnreadableDataset("Rows, Columns, Number of Frames or Samples per Pixel is not a number") from None
-    if int(np.prod(dims, dtype=np.int64)) > max_pixels:
-        raise InstanceTooLarge(f"{dims[0]}x{dims[1]} pixels x {dims[2]} frame(s) x {dims[3]} sample(s): "
-                               f"more than the limit of {max_pixels}")
 
 
 def header_metadata(ds: Dataset) -> dict:
@@ -248,7 +240,7 @@ class Listener:
         if len(data) > self.settings.max_instance_bytes:
             raise InstanceTooLarge(f"{len(data)} bytes: more than the limit of {self.settings.max_instance_bytes}")
         header = read_header(data)
-        check_header(header, event.request.AffectedSOPClassUID, image_id, self.settings.max_pixels)
+        check_header(header, event.request.AffectedSOPClassUID, image_id)
         prepared = self.engine.prepare(data)
         if prepared.error is not None:
             raise prepared.error
