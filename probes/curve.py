@@ -316,10 +316,15 @@ def _compare(data: CurveData, boot: dict, resamples: dict, n_train: dict, probes
 
 
 def _model_names(stores: list[Store]) -> list[str]:
+    """Each store's model name, told apart by the file's name, then its place, where names repeat
+    (two snapshots of one model): results are keyed by these names."""
     names = [s.model_name for s in stores]
     if len(set(names)) == len(names):
         return names
-    return [f"{s.model_name} ({s.path.stem})" for s in stores]
+    names = [f"{s.model_name} ({s.path.stem})" for s in stores]
+    if len(set(names)) == len(names):
+        return names
+    return [f"{s.model_name} ({s.path.parent.name}/{s.path.stem}, store {i + 1})" for i, s in enumerate(stores)]
 
 
 def _write_outputs(out: Path, data: CurveData, result: CurveResult, reps: Replicates, draws: int) -> None:

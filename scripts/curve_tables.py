@@ -1,0 +1,78 @@
+"""Markdown tables of `cxr-embed curve` outputs, as BENCHMARKS.md and MODEL_CARD.md show them.
+
+    python scripts/curve_tables.py docs/curves tb_shenzhen_mc covid_cohen nih_pneumonia rsna_opacity
+    python scripts/curve_tables.py docs/curves --at 45 tb_shenzhen_mc ...   # one row per task and probe
+
+A difference is in bold only where its 95% interval excludes 0 and its Holm-adjusted one-sided p is
+below 0.05. The metadata-only column is the linear metadata baseline at the same size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+
+def _ci(r: dict, key: str = "auc") -> str:
+    return f"{float(r[key + '_mean']):.3f} ({float(r[key + '_ci_low']):.3f}-{float(r[key + '_ci_high']):.3f})"
+
+
+def _diff(c: dict) -> str:
+    text = f"{float(c['difference']):+.3f} ({float(c['diff_ci_low']):+.3f} to {float(c['diff_ci_high']):+.3f})"
+    return f"**{text}**" if float(c["p_holm"]) < 0.05 and float(c["diff_ci_low"]) > 0 else text
+
+
+def load(folder: Path) -> tuple[list[dict], dict, str | None]:
+    summary = list(csv.DictReader(open(folder / "summary.csv")))
+    comparison = list(csv.DictReader(open(folder / "comparison.csv")))
+    by = {(r["model"], r["probe"], r["size"]): r for r in summary}
+    base = next((m for m in dict.fromkeys(r["model"] for r in summary) if m.startswith("metadata")), None)
+    return comparison, by, base
+
+
+def task_table(folder: Path) -> list[str]:
+    comparison, by, base = load(folder)
+    first = next(iter(by.values()))
+    a, b = comparison[0]["model_a"], comparison[0]["model_b"]
+    lines = [f"#### {folder.name} (test: {first['n_test']} images, {first['n_test_patients']} patients)", "",
+             f"| probe | n_train | draws | {a} AUC (95% CI) | {b} AUC (95% CI) | difference (95% CI) | Holm p "
+             "| metadata-only AUC (95% CI) |", "|---|---|---|---|---|---|---|---|"]
+    for c in comparison:
+        ra, rb = by[(a, c["probe"], c["size"])], by[(b, c["probe"], c["size"])]
+        m = by.get((base, "linear", c["size"])) if base else None
+        size = f"{c['n_train']} (full)" if c["size"] == "full" else c["n_train"]
+        lines.append(f"| {c['probe']} | {size} | {c['draws']} | {_ci(ra)} | {_ci(rb)} | {_diff(c)} "
+                     f"| {float(c['p_holm']):.3g} | {_ci(m) if m else 'n/a'} |")
+    return lines + [""]
+
+
+def at_size_table(root: Path, tasks: list[str], size: str) -> list[str]:
+    lines = []
+    for task in tasks:
+        comparison, by, base = load(root / task)
+        for c in (c for c in comparison if c["size"] == size):
+            m = by.get((base, "linear", size)) if base else None
+            meta = f"{float(m['auc_mean']):.3f}" if m else "n/a"
+            lines.append(f"| {task} | {c['probe']} | {c['n_train']} | {float(c['auc_a']):.3f} | {float(c['auc_b']):.3f} "
+                         f"| {_diff(c)} | {float(c['p_holm']):.3g} | {meta} |")
+    head = ["| task | probe | n_train | shipped AUC | ImageNet AUC | difference (95% CI) | Holm p | metadata-only |",
+            "|---|---|---|---|---|---|---|---|"]
+    return head + lines + [""]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("root", type=Path, help="the folder holding one curve output folder per task")
+    ap.add_argument("tasks", nargs="+")
+    ap.add_argument("--at", help="one size only (e.g. 45): one row per task and probe")
+    args = ap.parse_args(argv)
+    if args.at:
+        print("\n".join(at_size_table(args.root, args.tasks, args.at)))
+        return
+    for task in args.tasks:
+        print("\n".join(task_table(args.root / task)))
+
+
+if __name__ == "__main__":
+    main()
