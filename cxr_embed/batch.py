@@ -8,6 +8,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable
 
 from tqdm import tqdm
 
@@ -105,6 +106,61 @@ class EmbedSummary:
         return "\n".join(lines)
 
 
+@dataclass
+class EmbedProgress:
+    """What `embed_into` has done so far: images embedded, and failures ("code: message" by id)."""
+
+    embedded: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def done(self) -> int:
+        return self.embedded + len(self.failed)
+
+
+def embed_into(
+    writer: StoreWriter,
+    items: Iterable[InputItem],
+    embedder: Embedder,
+    commit_every_s: float = 30.0,
+    commit_every_n: int = 4096,
+    on_result: Callable[[EmbedProgress], None] | None = None,
+) -> EmbedProgress:
+    """Embed the items not yet in `writer`'s store into it, committing every `commit_every_s` seconds or
+    `commit_every_n` images, and at the end (on an error too). Failures are recorded, never fatal.
+    `items` may be a stream (e.g. a Ray Data split): it is read as the model goes."""
+    progress = EmbedProgress()
+    runtime = embedder.runtime.label  # backend/precision, with every embedding (a resumed store may mix them)
+    start = last_commit = time.perf_counter()
+    first_commit_s = min(commit_every_s, FIRST_COMMIT_S)  # so that a user sees work saved within seconds
+    todo = (it for it in items if it.image_id not in writer.done_ids)
+    try:
+        for result in embedder.iter_embed((it, it.path) for it in todo):
+            item, error = result.key, result.error
+            if error is None:
+                try:  # the writer refuses a non-finite embedding: a failure of this image, never data
+                    writer.add(item.image_id, result.embedding,
+                               {**item.metadata, "findings": result.info.to_dict(), "runtime": runtime})
+                    progress.embedded += 1
+                except InvalidEmbedding as exc:
+                    error = exc
+            if error is not None:
+                progress.failed[item.image_id] = f"{error.code}: {error}"
+                writer.fail(item.image_id, progress.failed[item.image_id])
+            now = time.perf_counter()
+            due = first_commit_s if last_commit == start else commit_every_s
+            if writer.pending >= commit_every_n or now - last_commit >= due:
+                writer.commit()
+                last_commit = time.perf_counter()
+                # Commits copy the file; keep their share of the run small on big stores.
+                commit_every_s = max(commit_every_s, 20 * (last_commit - now))
+            if on_result is not None:
+                on_result(progress)
+    finally:
+        writer.commit()
+    return progress
+
+
 def embed_to_store(
     items: list[InputItem],
     out: str | os.PathLike,
@@ -122,46 +178,25 @@ def embed_to_store(
         out = shard_path(out, rank, world)
     writer = StoreWriter(out, embedder.identity)
     todo = [it for it in items if it.image_id not in writer.done_ids]
-    skipped = len(items) - len(todo)
     start = time.perf_counter()
-    last_commit = start
-    embedded = 0
-    failed: dict[str, str] = {}
-    meta_of = {it.image_id: it.metadata for it in todo}
-    runtime = embedder.runtime.label  # backend/precision, with every embedding (a resumed store may mix them)
     bar = tqdm(
         total=len(todo), unit="img", desc=f"embedding -> {out.name}", disable=not progress,
         file=sys.stderr, dynamic_ncols=True, mininterval=1.0, position=rank,
     )
-    bar.set_postfix(saved=writer.saved, failed=0, refresh=False)
-    first_commit_s = min(commit_every_s, FIRST_COMMIT_S)  # so that `saved=` moves within seconds
+    last = EmbedProgress()
+
+    def show(done: EmbedProgress, step: int = 1) -> None:
+        nonlocal last
+        last = done
+        # saved = durable in the store (survives a kill now); unsaved = embedded, waiting for the next commit
+        bar.set_postfix(saved=writer.saved, unsaved=writer.pending, failed=len(done.failed), refresh=False)
+        bar.update(step)
+
+    show(last, 0)
     try:
-        for result in embedder.iter_embed((it.image_id, it.path) for it in todo):
-            error = result.error
-            if error is None:
-                try:  # the writer refuses a non-finite embedding: a failure of this image, never data
-                    writer.add(result.key, result.embedding, {**meta_of[result.key], "findings": result.info.to_dict(),
-                                                          "runtime": runtime})
-                    embedded += 1
-                except InvalidEmbedding as exc:
-                    error = exc
-            if error is not None:
-                msg = f"{error.code}: {error}"
-                writer.fail(result.key, msg)
-                failed[result.key] = msg
-            now = time.perf_counter()
-            due = first_commit_s if last_commit == start else commit_every_s
-            if writer.pending >= commit_every_n or now - last_commit >= due:
-                writer.commit()
-                last_commit = time.perf_counter()
-                # Commits copy the file; keep their share of the run small on big stores.
-                commit_every_s = max(commit_every_s, 20 * (last_commit - now))
-            # saved = durable in the store (survives a kill now); unsaved = embedded, waiting for the next commit
-            bar.set_postfix(saved=writer.saved, unsaved=writer.pending, failed=len(failed), refresh=False)
-            bar.update(1)
+        done = embed_into(writer, todo, embedder, commit_every_s, commit_every_n, on_result=show)
     finally:
-        writer.commit()
-        bar.set_postfix(saved=writer.saved, unsaved=writer.pending, failed=len(failed), refresh=False)
+        show(last, 0)  # after the last commit
         bar.close()
-    store = Store(out)
-    return EmbedSummary(out, embedded, skipped, failed, len(store), time.perf_counter() - start)
+    return EmbedSummary(out, done.embedded, len(items) - len(todo), done.failed, len(Store(out)),
+                        time.perf_counter() - start)

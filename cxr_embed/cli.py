@@ -34,7 +34,21 @@ def _add_embed(sub) -> None:
     add_backend_options(p)
     p.add_argument("--commit-every", type=float, default=30.0, help="seconds between durable commits (default 30)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_ray_options(p)
     p.set_defaults(func=_cmd_embed)
+
+
+def add_ray_options(p) -> None:
+    """--ray and the shape of a Ray job (cxr_embed.distributed; the `ray` extra)."""
+    g = p.add_argument_group("on a Ray cluster (pip install 'cxr-embed[ray]')")
+    g.add_argument("--ray", metavar="ADDRESS", help="run the job on Ray: 'local' (a Ray instance on this machine) or a "
+                   "cluster's address (HOST:6379, or 'auto' on a node of it); shard stores beside --out are merged into it")
+    g.add_argument("--ray-actors", type=int, default=0, metavar="N",
+                   help="model actors (default: as many as the cluster's CPUs, or GPUs, hold)")
+    g.add_argument("--ray-actor-cpus", type=float, default=0, metavar="C",
+                   help="CPUs per actor, also its model threads (default 2; local with --ray-actors: the cores shared out)")
+    g.add_argument("--ray-actor-gpus", type=float, default=0, metavar="G",
+                   help="GPUs per actor (default 0: the model runs on the CPU)")
 
 
 def add_backend_options(p, default: str | None = "torch") -> None:
@@ -52,6 +66,10 @@ def _cmd_embed(args) -> int:
     from .embedder import Embedder
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if args.ray:
+        if world > 1:
+            raise CxrEmbedError("--ray and torchrun are two ways to spread the job: use one of them")
+        return _embed_on_ray(args)
     dist = None
     if world > 1:  # started by torchrun: one shard per process, one store file per shard
         import torch.distributed as dist
@@ -80,6 +98,25 @@ def _cmd_embed(args) -> int:
             shards = " ".join(str(shard_path(Path(args.out), r, world)) for r in range(world))
             print(f"all {world} shards done; merge them with:\n  cxr-embed merge --out {args.out} {shards}")
         dist.destroy_process_group()
+    return 1 if summary.failed and summary.embedded == 0 and summary.total_in_store == 0 else 0
+
+
+def _embed_on_ray(args) -> int:
+    from .batch import check_paths_exist, list_inputs
+    from .distributed import RayPlan, embed_on_ray, require_ray
+    from .runtime import RuntimeSettings
+
+    require_ray()  # before the image list is read: a missing extra is said at once
+    items = list_inputs(args.images, args.image_root)
+    if not items:
+        raise CxrEmbedError(f"no images found in {args.images}")
+    check_paths_exist(items, args.images, warn=note)
+    settings = RuntimeSettings(model=args.model, device=args.device, backend=args.backend, precision=args.precision)
+    plan = RayPlan(args.ray, args.ray_actors, args.ray_actor_cpus, args.ray_actor_gpus)
+    note(f"{loading_message(args.model)}; then starting Ray ({args.ray})")
+    summary = embed_on_ray(items, args.out, settings, plan, batch_size=args.batch_size,
+                           commit_every_s=args.commit_every, progress=not args.no_progress)
+    print(summary.text())
     return 1 if summary.failed and summary.embedded == 0 and summary.total_in_store == 0 else 0
 
 

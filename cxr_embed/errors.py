@@ -147,3 +147,16 @@ class NonFiniteEmbedding(ModelError):
     a failure of ours for that image, never an embedding."""
 
     code = "non_finite_embedding"
+
+
+class MissingExtra(ConfigError):
+    """A feature whose optional packages are not installed (e.g. `--ray` without the `ray` extra)."""
+
+    code = "missing_extra"
+
+
+class DistributedJobError(CxrEmbedError):
+    """A job on a Ray cluster that could not finish (workers kept dying, or no worker made progress);
+    what it finished is saved, and running the same command again goes on from there."""
+
+    code = "distributed_job_error"
