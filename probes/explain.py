@@ -59,9 +59,9 @@ class Explanation:
     def unit(self) -> str:
         """What one value of the map is (the colour bar's label)."""
         if self.method == "grad-cam":
-            return (f"Grad-CAM: contribution of each 32 px cell to the score of {self.target}\n"
+            return (f"Grad-CAM: contribution of each 32 px cell to the score of class {self.target}\n"
                     "(probe decision function, before calibration); positive part")
-        return (f"occlusion: drop of the score of {self.target} when a {self.patch} px patch\n"
+        return (f"occlusion: drop of the score of class {self.target} when a {self.patch} px patch\n"
                 "is greyed (probe decision function, before calibration); positive part")
 
     def text(self) -> str:
