@@ -37,19 +37,25 @@ class PreprocessConfig:
         return f"{self.version}/size={self.size}/mean={self.mean:g}/std={self.std:g}"
 
 
+def letterbox_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:
+    """Where an image of height x width lands in its letterbox: (top, left, rows, columns); the
+    rest of the size x size square is padding."""
+    scale = size / max(height, width)
+    nh, nw = max(1, round(height * scale)), max(1, round(width * scale))
+    return (size - nh) // 2, (size - nw) // 2, nh, nw
+
+
 def letterbox(pixels: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
     """Resize so the long side is `size` (antialiased bilinear), pad to size x size, centred."""
     t = torch.as_tensor(pixels, dtype=torch.float32)
     if t.ndim != 2:
         raise ValueError(f"letterbox expects a 2-D grey image, got shape {tuple(t.shape)}")
     h, w = t.shape
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    top, left, nh, nw = letterbox_box(h, w, size)
     if (nh, nw) != (h, w):
         t = F.interpolate(t[None, None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0, 0]
     t = t.clamp_(0.0, 1.0)
     out = torch.zeros((size, size), dtype=torch.float32)
-    top, left = (size - nh) // 2, (size - nw) // 2
     out[top : top + nh, left : left + nw] = t
     return out
 

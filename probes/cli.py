@@ -1,4 +1,4 @@
-"""The probe commands of `cxr-embed` (`curve`, `probe`, `predict`, `evaluate`), registered through the entry-point group
+"""The probe commands of `cxr-embed` (`curve`, `probe`, `predict`, `evaluate`, `explain`), registered through the entry-point group
 `cxr_embed.commands`: each is a thin wrapper over a documented Python function."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ def register(sub) -> None:
     _add_probe(sub)
     _add_predict(sub)
     _add_evaluate(sub)
+    _add_explain(sub)
 
 
 def _warn(text: str) -> None:
@@ -161,4 +162,40 @@ def _cmd_evaluate(args) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(result.to_dict(), fh, indent=1)
+    return 0
+
+
+def _add_explain(sub) -> None:
+    p = sub.add_parser("explain", help="saliency map: which regions of an image drive a probe's score, over the "
+                                       "model's preview (Grad-CAM for linear probes, occlusion for GBM probes)")
+    p.add_argument("image", help="a DICOM, PNG or JPEG file")
+    p.add_argument("--probe", help="the probe file (.json) (default: the shipped example probe)")
+    p.add_argument("--out", required=True, help="PNG to write: the preview with the map over it and a colour bar")
+    p.add_argument("--raw", help="also save the map as .npy (224x224 float32, signed, in units of the probe's score, "
+                                 "0 over the letterbox padding)")
+    p.add_argument("--method", choices=["auto", "grad-cam", "occlusion"], default="auto",
+                   help="auto: grad-cam for a linear probe, occlusion for a GBM probe (default %(default)s)")
+    p.add_argument("--target", help="class whose score to explain (default: a binary probe's positive class, "
+                                    "a multi-class probe's most probable class)")
+    p.add_argument("--model", help="model name or checkpoint (default: the probe's model; another one is refused)")
+    p.add_argument("--patch", type=int, default=32, help="occlusion: patch side, px of the 224 px input (default %(default)s)")
+    p.add_argument("--stride", type=int, default=16,
+                   help="occlusion: step between patches in px (default %(default)s: at most 13 x 13 patches, 170 forward passes)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--batch-size", type=int, default=16, help="occlusion: images per forward pass (default %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_explain)
+
+
+def _cmd_explain(args) -> int:
+    from .explain import explain_image, write_explanation
+    from .overlay import check_outputs
+
+    check_outputs(args.out, args.raw)
+    result = explain_image(args.image, args.probe, method=args.method, model=args.model, device=args.device,
+                           target=args.target, patch=args.patch, stride=args.stride, batch_size=args.batch_size,
+                           progress=not args.no_progress)
+    write_explanation(result, args.out, args.raw)
+    print(result.text())
+    print(f"wrote {args.out}" + (f" and {args.raw}" if args.raw else ""))
     return 0

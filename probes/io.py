@@ -21,7 +21,8 @@ from cxr_embed.identity import ModelIdentity
 from .probe import Probe
 from .schema import FORMAT, ProbeFileError, probe_from_document
 
-__all__ = ["FORMAT", "MAX_BYTES", "ProbeFileError", "save_probe", "load_probe", "load_probe_dir", "load_probes"]
+__all__ = ["FORMAT", "MAX_BYTES", "ProbeFileError", "save_probe", "load_probe", "load_probe_dir", "load_probes",
+           "check_probe_model"]
 
 MAX_BYTES = 64 * 1024 * 1024  # a 1280-d linear probe is ~60 KB, a 300-round 10-class GBM a few MB
 
@@ -75,10 +76,15 @@ def load_probe(path: str | os.PathLike, expected_identity: dict | None = None) -
     path = Path(path)
     probe = probe_from_document(_parse_json(_read_regular(path), path), f"probe file {path}")
     if expected_identity is not None:
-        if probe.identity is None:
-            raise ModelMismatch(f"probe {path} does not record which embedding model it was trained on")
-        ModelIdentity.coerce(expected_identity).check(probe.identity, f"probe {path.name}")
+        check_probe_model(probe, expected_identity, path)
     return probe
+
+
+def check_probe_model(probe: Probe, identity, path: str | os.PathLike) -> None:
+    """Raise ModelMismatch unless the probe (read from `path`) was trained on `identity`'s embeddings."""
+    if probe.identity is None:
+        raise ModelMismatch(f"probe {path} does not record which embedding model it was trained on")
+    ModelIdentity.coerce(identity).check(probe.identity, f"probe {Path(path).name}")
 
 
 def load_probe_dir(path: str | os.PathLike, expected_identity: dict | None = None) -> dict[str, Probe]:
