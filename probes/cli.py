@@ -74,8 +74,12 @@ def _print_fits(fits: list[dict]) -> None:
             print(f"fit {f['model']} / {f['probe']}: AUC(n) = {f['a']:.3f} - {f['b']:.3g} n^-{f['c']:.2f} "
                   f"(plateau a: 95% CI {f['a_ci_low']:.3f}-{f['a_ci_high']:.3f})")
         if f["target_auc"] != "":
-            print(f"  AUC {f['target_auc']:g}: {f['labels_needed']} labels (95% CI {f['labels_ci_low']}-"
-                  f"{f['labels_ci_high']}), {f['status']}")
+            n, lo, hi = (_count(f[k]) for k in ("labels_needed", "labels_ci_low", "labels_ci_high"))
+            print(f"  AUC {f['target_auc']:g}: {n} labels (95% CI {lo}-{hi}), {f['status']}")
+
+
+def _count(n: float) -> str:
+    return f"{n:.2g}" if n > 1e6 else str(n)  # inf stays inf; a far guess needs no 10 digits
 
 
 def _add_probe(sub) -> None:

@@ -160,7 +160,7 @@ def load_curve_data(stores, labels, test_labels, positive, log, result: CurveRes
             raise LabelError(f"{t.path}: the curve is for binary tasks, and its labels have {len(t.classes)} classes "
                              f"({', '.join(map(str, t.classes[:6]))}); name one with --positive to draw it against the rest")
     opened = [Store(s) for s in stores]
-    names = _model_names(opened)
+    names = model_names(opened)
     test_table = ext or table
     train_rows = table.rows("train")
     test_rows = test_table.rows() if ext else table.rows("test")
@@ -342,7 +342,8 @@ def _fit_curves(data: CurveData, boot: dict, resamples: dict, n_train: dict, tar
         result.fits += [{"task": data.task, "model": model, "probe": kind, **row} for row in fit_rows(fit, targets)]
 
 
-def _model_names(stores: list[Store]) -> list[str]:
+def model_names(stores: list[Store]) -> list[str]:
+    """One name per store: the model's, with the file's stem added where two stores share a model."""
     names = [s.model_name for s in stores]
     if len(set(names)) == len(names):
         return names

@@ -86,6 +86,9 @@ class CurveFit:
         low = float(np.quantile(per_rep, alpha / 2, method="lower"))
         high = float(np.quantile(per_rep, 1 - alpha / 2, method="higher"))
         status, note = _status(n, target, self.curve.a, self.sizes.min(), self.sizes.max())
+        if self.curve.a >= 1.0 - 1e-9 and status != "interpolated":
+            note += ("; the fitted plateau sits at its bound a = 1, so the sizes measured do not determine it "
+                     f"(c = {self.curve.c:.2g}: a slow, nearly logarithmic climb)")
         return LabelsNeeded(target, n, low, high, float(np.mean(np.isfinite(per_rep))), status, note)
 
 
@@ -98,7 +101,7 @@ def _status(n: float, target: float, a: float, n_min: float, n_max: float) -> tu
         return "interpolated", f"within the sizes measured ({n_min:g} to {n_max:g})"
     if n <= FAR_FACTOR * n_max:
         return "extrapolated", f"beyond the largest size measured ({n_max:g}), within {FAR_FACTOR:g}x of it"
-    return "far extrapolation", (f"{n / n_max:.1f}x the largest size measured ({n_max:g}): the power law's guess, "
+    return "far extrapolation", (f"{n / n_max:.2g}x the largest size measured ({n_max:g}): the power law's guess, "
                                  "not a measurement; measure larger sizes before relying on it")
 
 

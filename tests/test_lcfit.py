@@ -75,6 +75,15 @@ def test_a_target_above_the_asymptote_is_not_reached():
     assert row["labels_needed"] == np.inf and row["status"] == "not reached"
 
 
+def test_a_slow_climb_says_its_plateau_is_undetermined():
+    n = np.array([45, 85, 170, 350.0])
+    slow = 0.55 + 0.02 * np.log(n / 45)  # a logarithmic climb: no plateau within sight
+    fit = fit_learning_curve(n, slow, slow + np.random.default_rng(2).normal(0, 0.01, (300, len(n))))
+    need = fit.labels_needed(0.8)
+    assert fit.curve.a == 1.0 and need.status == "far extrapolation" and need.n > 100 * 350
+    assert "not a measurement" in need.note and "do not determine it" in need.note
+
+
 def test_the_asymptote_never_passes_one():
     n = np.array([10, 20, 40, 80.0])
     steep = np.array([0.80, 0.90, 0.97, 0.999])  # unbounded, a straight extrapolation would pass 1
