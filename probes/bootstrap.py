@@ -82,6 +82,12 @@ def draw_resamples(n_draws: int, B: int, seed: int, key: int) -> np.ndarray:
     return np.random.default_rng([seed, 11, key]).integers(0, n_draws, size=(B, n_draws))
 
 
+def replicated_means(boot: np.ndarray, resample: np.ndarray) -> np.ndarray:
+    """(B,) the statistic of each replicate: the mean over its resampled draws of the metric under its
+    test weights. boot: (R, B) the metric of each draw under each replicate; resample: (B, R)."""
+    return boot[resample, np.arange(boot.shape[1])[:, None]].mean(axis=1)
+
+
 @dataclass
 class Interval:
     estimate: float
@@ -94,7 +100,7 @@ def mean_interval(per_draw: np.ndarray, boot: np.ndarray, resample: np.ndarray, 
     """Estimate = mean over draws of the metric on the full test set; interval = percentiles over B
     of the mean over resampled draws of the metric on the reweighted test set.
     per_draw: (R,); boot: (R, B) the metric of each draw under each replicate; resample: (B, R)."""
-    stat = boot[resample, np.arange(boot.shape[1])[:, None]].mean(axis=1)  # (B,)
+    stat = replicated_means(boot, resample)
     stat = stat[np.isfinite(stat)]
     lo, hi = np.percentile(stat, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     p = (1 + np.count_nonzero(stat <= 0)) / (len(stat) + 1)

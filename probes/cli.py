@@ -35,18 +35,23 @@ def _add_curve(sub) -> None:
                    help="replicates of the patient-level test bootstrap (default %(default)s)")
     p.add_argument("--no-metadata-baseline", action="store_true",
                    help="skip the metadata-only baseline (view, source columns of the labels)")
-    p.add_argument("--out", required=True, help="folder for curve.csv, summary.csv, comparison.csv and curve.png")
+    p.add_argument("--target-auc", default="0.8",
+                   help="AUC(s) to ask the fitted learning curve about: how many labels reach each (comma-separated, "
+                        "or 'none'; default %(default)s, 'excellent' discrimination by Hosmer & Lemeshow's rule of "
+                        "thumb: set your own). Answers in fit.csv; the fit needs 3 or more sizes")
+    p.add_argument("--out", required=True, help="folder for curve.csv, summary.csv, comparison.csv, fit.csv and curve.png")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_curve)
 
 
 def _cmd_curve(args) -> int:
     from .curve import OUTPUT_FILES, parse_sizes, run_curve
+    from .lcfit import parse_targets
 
     res = run_curve(args.store, args.labels, args.out, sizes=parse_sizes(args.sizes), repeats=args.repeats,
                     probes=args.probe or ["linear", "gbm"], test_labels=args.test_labels, seed=args.seed,
                     progress=not args.no_progress, positive=args.positive, log=_warn, bootstrap=args.bootstrap,
-                    metadata=not args.no_metadata_baseline)
+                    metadata=not args.no_metadata_baseline, targets=parse_targets(args.target_auc))
     print(f"{'model':<36} {'probe':<7} {'n_train':>7} {'draws':>5} {'AUC':>6}  95% CI      {'AUPRC':>6}")
     for r in res.summary:
         print(f"{r['model']:<36} {r['probe']:<7} {r['n_train']:>7} {r['draws']:>5} {r['auc_mean']:>6.3f}  "
@@ -55,10 +60,27 @@ def _cmd_curve(args) -> int:
         print(f"{c['probe']} n={c['n_train']}: {c['model_a']} - {c['model_b']} AUC {c['difference']:+.3f} "
               f"(95% CI {c['diff_ci_low']:+.3f} to {c['diff_ci_high']:+.3f}), one-sided p = {c['p_one_sided']:.3g}, "
               f"Holm p = {c['p_holm']:.3g}")
+    _print_fits(res.fits)
     shares = ", ".join(f"{k} {v:.1f} s" for k, v in res.seconds_by_probe.items())
     written = [f for f in OUTPUT_FILES if (Path(args.out) / f).exists()]
     print(f"wrote {', '.join(written)} to {args.out} in {res.seconds:.1f} s ({shares})")
     return 0
+
+
+def _print_fits(fits: list[dict]) -> None:
+    shown = set()
+    for f in fits:
+        if (f["model"], f["probe"]) not in shown:
+            shown.add((f["model"], f["probe"]))
+            print(f"fit {f['model']} / {f['probe']}: AUC(n) = {f['a']:.3f} - {f['b']:.3g} n^-{f['c']:.2f} "
+                  f"(plateau a: 95% CI {f['a_ci_low']:.3f}-{f['a_ci_high']:.3f})")
+        if f["target_auc"] != "":
+            n, lo, hi = (_count(f[k]) for k in ("labels_needed", "labels_ci_low", "labels_ci_high"))
+            print(f"  AUC {f['target_auc']:g}: {n} labels (95% CI {lo}-{hi}), {f['status']}")
+
+
+def _count(n: float) -> str:
+    return f"{n:.2g}" if n > 1e6 else str(n)  # inf stays inf; a far guess needs no 10 digits
 
 
 def _add_probe(sub) -> None:

@@ -6,7 +6,9 @@ set. Every interval (the band in curve.png, every *_ci_* column) is a 95% percen
 the mean over draws under B replicates that resample test patients and, independently, the draws;
 at `full` there is one draw, so only the test patients vary: the same computation at every size.
 Models are compared on the same draws and the same replicates (paired), one-sided (first store
-better than each other store), Holm-adjusted across all comparisons of the run.
+better than each other store), Holm-adjusted across all comparisons of the run. Each model and probe's mean AUCs are fitted by an
+inverse power law over the sizes (probes/lcfit.py), refitted on the same replicates, and asked how
+many labels each --target-auc needs (fit.csv).
 """
 
 from __future__ import annotations
@@ -26,14 +28,16 @@ from cxr_embed.errors import LabelError
 from cxr_embed.labels import MIN_PER_CLASS, LabelTable, read_labels
 from cxr_embed.store import Store
 
-from .bootstrap import (Replicates, draw_resamples, mean_interval, patient_bootstrap, weighted_auc,
+from .bootstrap import (Replicates, draw_resamples, mean_interval, patient_bootstrap, replicated_means, weighted_auc,
                         weighted_average_precision)
+from .lcfit import LearningCurveError, fit_learning_curve, fit_rows
 from .metrics import check_test_classes, holm
 from .plot import plot_curve
 from .probe import train_probe
 
 METADATA_COLUMNS = ("view", "source")  # columns a metadata-only baseline may use, where they vary
-OUTPUT_FILES = ("curve.csv", "summary.csv", "comparison.csv", "curve.png")
+OUTPUT_FILES = ("curve.csv", "summary.csv", "comparison.csv", "fit.csv", "curve.png")
+DEFAULT_TARGETS = (0.8,)  # "excellent" discrimination by Hosmer & Lemeshow's rule of thumb; --target-auc sets others
 
 
 def parse_sizes(text: str) -> list[int | str]:
@@ -100,6 +104,8 @@ class CurveResult:
     summary: list[dict] = field(default_factory=list)
     missing: dict[str, list[str]] = field(default_factory=dict)
     comparisons: list[dict] = field(default_factory=list)  # paired, per size and probe, Holm-adjusted
+    fits: list[dict] = field(default_factory=list)  # fit.csv: the power law per model and probe, labels per target
+    curves: dict = field(default_factory=dict)  # (model, probe) -> CurveFit, for the plot
     seconds_by_probe: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     seconds: float = 0.0
 
@@ -118,9 +124,11 @@ def run_curve(
     positive: str | None = None,
     bootstrap: int = 2000,
     metadata: bool = True,
+    targets: list[float] = DEFAULT_TARGETS,
 ) -> CurveResult:
-    """Train probes on repeated stratified draws of each size, score them on one fixed test set,
-    and write curve.csv, summary.csv, comparison.csv and curve.png to out_dir (module docstring)."""
+    """Train probes on repeated stratified draws of each size, score them on one fixed test set, fit
+    the learning curves, and write curve.csv, summary.csv, comparison.csv, fit.csv and curve.png to
+    out_dir (module docstring)."""
     start = time.perf_counter()
     result = CurveResult()
     data = load_curve_data(stores, labels, test_labels, positive, log, result, metadata)
@@ -133,6 +141,7 @@ def run_curve(
     n_train = {s: int(round(np.mean([len(idx) for _, _, idx in plan_of(plan, s)]))) for s in sizes_done}
     result.summary = _summarise(data, boot, resamples, n_train, reps)
     result.comparisons = _compare(data, boot, resamples, n_train, list(probes), reps)
+    _fit_curves(data, boot, resamples, n_train, list(targets), result, log)
     result.seconds = time.perf_counter() - start
     _write_outputs(Path(out_dir), data, result, reps, max(len(plan_of(plan, s)) for s in sizes_done))
     return result
@@ -151,7 +160,7 @@ def load_curve_data(stores, labels, test_labels, positive, log, result: CurveRes
             raise LabelError(f"{t.path}: the curve is for binary tasks, and its labels have {len(t.classes)} classes "
                              f"({', '.join(map(str, t.classes[:6]))}); name one with --positive to draw it against the rest")
     opened = [Store(s) for s in stores]
-    names = _model_names(opened)
+    names = model_names(opened)
     test_table = ext or table
     train_rows = table.rows("train")
     test_rows = test_table.rows() if ext else table.rows("test")
@@ -315,7 +324,25 @@ def _compare(data: CurveData, boot: dict, resamples: dict, n_train: dict, probes
     return rows
 
 
-def _model_names(stores: list[Store]) -> list[str]:
+def _fit_curves(data: CurveData, boot: dict, resamples: dict, n_train: dict, targets: list[float],
+                result: CurveResult, log) -> None:
+    """The power-law fit of every model's (not the baseline's) mean AUC over the sizes, refitted on
+    each bootstrap replicate; a run with fewer than 3 sizes gets a warning and no fit.csv."""
+    sizes = list(resamples)
+    for model, kind in dict.fromkeys((m, k) for m, k, _ in boot if m != data.baseline):
+        per_size = [boot[(model, kind, s)]["auc"] for s in sizes]
+        reps = np.stack([replicated_means(v, resamples[s]) for (_, v), s in zip(per_size, sizes)], axis=1)
+        try:
+            fit = fit_learning_curve([n_train[s] for s in sizes], [d.mean() for d, _ in per_size],
+                                     reps[np.all(np.isfinite(reps), axis=1)])
+        except LearningCurveError as e:
+            log(f"note: no learning-curve fit (fit.csv not written): {e}")
+            return
+        result.curves[(model, kind)] = fit
+        result.fits += [{"task": data.task, "model": model, "probe": kind, **row} for row in fit_rows(fit, targets)]
+
+
+def model_names(stores: list[Store]) -> list[str]:
     """Each store's model name, told apart by the file's name, then its place, where names repeat
     (two snapshots of one model): results are keyed by these names."""
     names = [s.model_name for s in stores]
@@ -332,15 +359,19 @@ def _write_outputs(out: Path, data: CurveData, result: CurveResult, reps: Replic
     _write_csv(out / "curve.csv", result.rows)
     _write_csv(out / "summary.csv", result.summary)
     _write_csv(out / "comparison.csv", result.comparisons)
+    _write_csv(out / "fit.csv", result.fits)
     n_pos = int((data.te_y == 1).sum())
     title = (f"{data.task}: test n={len(data.te_y)} ({n_pos} positive, {reps.n_patients} patients"
              f"{', external' if data.external else ''}); {draws} training draws per size, 1 at full")
+    grids = {key: np.geomspace(fit.sizes.min(), fit.sizes.max(), 100) for key, fit in result.curves.items()}
+    fitted = {key: (x, result.curves[key].curve.auc(x)) for key, x in grids.items()}
     plot_curve(result.summary, result.comparisons, out / "curve.png", title=title, baseline=data.baseline,
-               prevalence=n_pos / len(data.te_y))
+               prevalence=n_pos / len(data.te_y), fitted=fitted)
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    if not rows:
+    if not rows:  # nothing of this kind in this run: a file left by an earlier run would be read as this one's
+        path.unlink(missing_ok=True)
         return
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as fh:

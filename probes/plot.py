@@ -1,10 +1,12 @@
-"""curve.png: mean test AUC and AUPRC against training-set size, and the paired AUC difference."""
+"""curve.png: mean test AUC and AUPRC against training-set size (with the fitted power law, dashed),
+and the paired AUC difference. Probes are told apart by marker (linear o, GBM s); dashed is a fit."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 BAND = "band: 95% CI of the mean over draws\n(test patients and draws resampled)"
+MARKERS = {"linear": "o", "gbm": "s"}
 
 
 def _ticks(values: list[int], min_ratio: float = 1.12) -> list[int]:
@@ -34,19 +36,27 @@ def _metric_panel(ax, summary: list[dict], metric: str, colours: dict, baseline:
     for (model, kind) in dict.fromkeys((r["model"], r["probe"]) for r in summary):
         rows = sorted((r for r in summary if r["model"] == model and r["probe"] == kind), key=lambda r: r["n_train"])
         x = [r["n_train"] for r in rows]
-        style = ":" if model == baseline else ("-" if kind == "linear" else "--")
+        style = ":" if model == baseline else "-"
         label = model if model == baseline else f"{model} / {kind}"
-        ax.plot(x, [r[f"{metric}_mean"] for r in rows], style, marker="o", ms=3, color=colours[model], label=label)
+        ax.plot(x, [r[f"{metric}_mean"] for r in rows], style, marker=MARKERS.get(kind, "o"), ms=3,
+                lw=1.0 if kind == "linear" else 0.7, color=colours[model], label=label)
         ax.fill_between(x, [r[f"{metric}_ci_low"] for r in rows], [r[f"{metric}_ci_high"] for r in rows],
                         color=colours[model], alpha=0.12 if kind == "linear" else 0.07, linewidth=0)
 
 
+def _fit_lines(ax, fitted: dict, colours: dict) -> None:
+    """The fitted power laws over the measured sizes, dashed, with one legend entry for all."""
+    for (model, _kind), (x, y) in fitted.items():
+        ax.plot(x, y, "--", lw=0.9, alpha=0.8, color=colours[model])
+    if fitted:
+        ax.plot([], [], "--", lw=0.9, color="0.3", label="dashed: fit a - b n^(-c) (fit.csv)")
+
+
 def _difference_panel(ax, comparisons: list[dict]) -> None:
-    styles = {"linear": "-", "gbm": "--"}
     for (kind, other) in dict.fromkeys((c["probe"], c["model_b"]) for c in comparisons):
         rows = sorted((c for c in comparisons if c["probe"] == kind and c["model_b"] == other), key=lambda c: c["n_train"])
         x = [c["n_train"] for c in rows]
-        line, = ax.plot(x, [c["difference"] for c in rows], styles.get(kind, ":"), marker="o", ms=3,
+        line, = ax.plot(x, [c["difference"] for c in rows], "-", marker=MARKERS.get(kind, "o"), ms=3,
                         label=f"{kind}: {rows[0]['model_a']} - {other}")
         ax.fill_between(x, [c["diff_ci_low"] for c in rows], [c["diff_ci_high"] for c in rows],
                         color=line.get_color(), alpha=0.12, linewidth=0)
@@ -57,8 +67,9 @@ def _difference_panel(ax, comparisons: list[dict]) -> None:
 
 
 def plot_curve(summary: list[dict], comparisons: list[dict], path: Path, title: str, baseline: str | None = None,
-               prevalence: float | None = None) -> None:
-    """Three panels: AUC and AUPRC (mean over draws, with their band), and the paired AUC difference."""
+               prevalence: float | None = None, fitted: dict | None = None) -> None:
+    """Three panels: AUC and AUPRC (mean over draws, with their band; on AUC the fitted curves
+    `fitted`: (model, probe) -> (sizes, AUCs), dashed), and the paired AUC difference."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,6 +85,7 @@ def plot_curve(summary: list[dict], comparisons: list[dict], path: Path, title: 
     for ax, metric, name in ((axes[0], "auc", "test AUC"), (axes[1], "auprc", "test AUPRC (average precision)")):
         _metric_panel(ax, summary, metric, colours, baseline)
         _axis(ax, xs, full, f"{name}, mean over draws\n{BAND}")
+    _fit_lines(axes[0], fitted or {}, colours)
     axes[0].axhline(0.5, color="0.6", lw=0.6)
     if prevalence is not None:
         axes[1].axhline(prevalence, color="0.6", lw=0.6)

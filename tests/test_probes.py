@@ -159,6 +159,16 @@ def test_curve_command(tb_store, shared, tmp_path, capsys):
     assert all(int(r["n_test"]) == 98 and int(r["draws"]) == (1 if r["size"] == "full" else 3) for r in summary)
     assert all(0 < float(r["auprc_ci_low"]) <= float(r["auprc_mean"]) <= float(r["auprc_ci_high"]) for r in summary)
     assert (out / "curve.csv").exists() and not (out / "comparison.csv").exists()  # one store: nothing to compare
+    fits = list(csv.DictReader(open(out / "fit.csv")))  # 3 sizes: the power law is fitted (not for the baseline)
+    assert [(r["model"], r["probe"], r["target_auc"]) for r in fits] == [
+        ("imagenet-effnet-lite0", "linear", "0.8"), ("imagenet-effnet-lite0", "gbm", "0.8")]
+    for r in fits:
+        assert r["sizes"] == "45;85;228" and int(r["bootstrap"]) == 2000 and float(r["a"]) <= 1.0
+        assert float(r["a_ci_low"]) <= float(r["a"]) <= float(r["a_ci_high"])
+        assert r["status"] in ("not reached", "below smallest size", "interpolated", "extrapolated", "far extrapolation")
+        if r["status"] != "not reached":
+            assert float(r["labels_ci_low"]) <= float(r["labels_needed"]) <= float(r["labels_ci_high"])
+    assert "fit imagenet-effnet-lite0 / linear: AUC(n) = " in said.out and "  AUC 0.8: " in said.out
 
 
 def test_curve_compares_two_stores_with_delong(tb_store, shared, tmp_path, capsys):
@@ -173,7 +183,9 @@ def test_curve_compares_two_stores_with_delong(tb_store, shared, tmp_path, capsy
     for r in rows:  # the same embeddings: every replicate's difference is 0
         assert float(r["difference"]) == float(r["diff_ci_low"]) == float(r["diff_ci_high"]) == 0.0
         assert float(r["p_one_sided"]) == float(r["p_holm"]) == 1.0
-    assert "Holm p = 1" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert "Holm p = 1" in said.out
+    assert not (out / "fit.csv").exists() and "no learning-curve fit" in said.err and "at least 3" in said.err
 
 
 def test_probe_command_and_label_errors(tb_store, shared, tmp_path, capsys):

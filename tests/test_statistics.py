@@ -215,3 +215,19 @@ def test_calibration_never_reverses_the_ranking():
     p = 1 / (1 + np.exp(-(a * z + b)))
     assert (np.argsort(p, kind="stable") == np.argsort(z, kind="stable")).all()
     assert p == pytest.approx(0.5, abs=0.01)  # about the base rate: the scores carried no signal
+
+
+def test_fit_csv_follows_the_run(tmp_path):
+    """Three sizes give fit.csv; a later run into the same folder with two sizes removes it rather than
+    leaving the earlier run's fit beside its own outputs."""
+    store, labels = _synthetic_task(tmp_path, np.random.default_rng(4))
+    out = tmp_path / "out"
+    notes = []
+    res = run_curve([store], labels, out, sizes=[45, 85, "full"], repeats=2, probes=["linear"], progress=False,
+                    bootstrap=200, log=notes.append, targets=[0.6, 0.7])
+    assert [(r["model"], r["target_auc"]) for r in res.fits] == [("noise", 0.6), ("noise", 0.7)]
+    assert (out / "fit.csv").exists()
+    res = run_curve([store], labels, out, sizes=[45, "full"], repeats=2, probes=["linear"], progress=False,
+                    bootstrap=200, log=notes.append)
+    assert not res.fits and not (out / "fit.csv").exists()
+    assert any("no learning-curve fit" in n for n in notes)
