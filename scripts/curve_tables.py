@@ -2,6 +2,7 @@
 
     python scripts/curve_tables.py docs/curves tb_shenzhen_mc covid_cohen nih_pneumonia rsna_opacity
     python scripts/curve_tables.py docs/curves --at 45 tb_shenzhen_mc ...   # one row per task and probe
+    python scripts/curve_tables.py docs/curves --fit tb_shenzhen_mc ...     # the learning-curve fits (fit.csv)
 
 A difference is in bold only where its 95% interval excludes 0 and its Holm-adjusted one-sided p is
 below 0.05. The metadata-only column is the linear metadata baseline at the same size.
@@ -61,12 +62,36 @@ def at_size_table(root: Path, tasks: list[str], size: str) -> list[str]:
     return head + lines + [""]
 
 
+def _count(text: str) -> str:
+    v = float(text)
+    return "inf" if v == float("inf") else (f"{v:.0f}" if v < 1e5 else f"{v:.0e}".replace("+0", "").replace("+", ""))
+
+
+def fit_table(root: Path, tasks: list[str]) -> list[str]:
+    lines = ["| task | model | probe | plateau a (95% CI) | c | max residual | target | labels needed (95% CI) "
+             "| p reached | status |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for task in tasks:
+        path = root / task / "fit.csv"
+        if not path.exists():
+            continue
+        for r in csv.DictReader(open(path)):
+            lines.append(f"| {task} | {r['model']} | {r['probe']} | {float(r['a']):.3f} ({float(r['a_ci_low']):.3f}-"
+                         f"{float(r['a_ci_high']):.3f}) | {float(r['c']):.2f} | {float(r['max_residual']):.3f} "
+                         f"| {r['target_auc']} | {_count(r['labels_needed'])} ({_count(r['labels_ci_low'])}-"
+                         f"{_count(r['labels_ci_high'])}) | {float(r['p_reached']):.2f} | {r['status']} |")
+    return lines + [""]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("root", type=Path, help="the folder holding one curve output folder per task")
     ap.add_argument("tasks", nargs="+")
     ap.add_argument("--at", help="one size only (e.g. 45): one row per task and probe")
+    ap.add_argument("--fit", action="store_true", help="the learning-curve fits of fit.csv")
     args = ap.parse_args(argv)
+    if args.fit:
+        print("\n".join(fit_table(args.root, args.tasks)))
+        return
     if args.at:
         print("\n".join(at_size_table(args.root, args.tasks, args.at)))
         return
