@@ -29,10 +29,11 @@ def _uniform(n: int, lo: float, hi: float, gen: torch.Generator, device) -> torc
 
 
 def augment(images: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator, mean: float = 0.5, std: float = 0.5) -> torch.Tensor:
-    """uint8 (B, S, S) letterboxed radiographs -> normalised float (B, 3, S, S), one random view each."""
+    """Letterboxed radiographs (B, S, S), uint8 or float in [0, 1] -> normalised float (B, 3, S, S), one
+    random view each."""
     b, s, _ = images.shape
     dev = images.device
-    x = images.unsqueeze(1).float().div_(255.0)
+    x = unit_range(images).unsqueeze(1)
 
     area = _uniform(b, cfg.scale_min, 1.0, gen, dev)
     log_r = _uniform(b, -math.log(cfg.aspect), math.log(cfg.aspect), gen, dev)
@@ -61,7 +62,12 @@ def augment(images: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator, mean
     return x.expand(-1, 3, -1, -1)
 
 
+def unit_range(images: torch.Tensor) -> torch.Tensor:
+    """float32 grey levels in [0, 1]: uint8 images divided by 255, float ones (e.g. float16) as they are."""
+    return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+
+
 def center_view(images: torch.Tensor, mean: float = 0.5, std: float = 0.5) -> torch.Tensor:
-    """The un-augmented view of uint8 letterboxed images, as the embedder sees them."""
-    x = images.unsqueeze(1).float().div(255.0)
+    """The un-augmented view of letterboxed images (uint8 or float in [0, 1]), as the embedder sees them."""
+    x = unit_range(images).unsqueeze(1)
     return ((x - mean) / std).expand(-1, 3, -1, -1)

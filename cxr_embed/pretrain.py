@@ -282,7 +282,7 @@ class ProjectionHead(nn.Module):
         return F.normalize(self.net(x), dim=1)
 
 
-def _freeze(backbone: nn.Module, blocks: int) -> list[nn.Module]:
+def freeze_stages(backbone: nn.Module, blocks: int) -> list[nn.Module]:
     """Freeze the stem and the first `blocks` stages; returns the frozen modules (kept in eval mode)."""
     if blocks <= 0:
         return []
@@ -429,7 +429,7 @@ class Trainer:
         self.base = create_model(cfg.base_model)
         self.backbone = self.base.backbone.to(device)
         self.head = ProjectionHead(self.base.dim, cfg.projection_hidden, cfg.projection_dim).to(device)
-        self.frozen = _freeze(self.backbone, cfg.freeze_blocks)
+        self.frozen = freeze_stages(self.backbone, cfg.freeze_blocks)
         if device.type == "cuda":
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         params = [{"params": [p for p in self.backbone.parameters() if p.requires_grad], "lr_mult": 1.0},

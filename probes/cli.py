@@ -1,4 +1,4 @@
-"""The probe commands of `cxr-embed` (`curve`, `probe`, `predict`, `evaluate`, `explain`), registered through the entry-point group
+"""The probe commands of `cxr-embed` (`curve`, `finetune`, `probe`, `predict`, `evaluate`, `explain`), registered through the entry-point group
 `cxr_embed.commands`: each is a thin wrapper over a documented Python function."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from pathlib import Path
 def register(sub) -> None:
     """Add this package's subcommands to the `cxr-embed` parser."""
     _add_curve(sub)
+    _add_finetune(sub)
     _add_probe(sub)
     _add_predict(sub)
     _add_evaluate(sub)
@@ -35,6 +36,9 @@ def _add_curve(sub) -> None:
                    help="replicates of the patient-level test bootstrap (default %(default)s)")
     p.add_argument("--no-metadata-baseline", action="store_true",
                    help="skip the metadata-only baseline (view, source columns of the labels)")
+    p.add_argument("--extra-rows", action="append", default=[],
+                   help="rows file of fits made on the same draws (`cxr-embed finetune --out`), compared with the "
+                        "first store's probes (repeatable)")
     p.add_argument("--target-auc", default="0.8",
                    help="AUC(s) to ask the fitted learning curve about: how many labels reach each (comma-separated, "
                         "or 'none'; default %(default)s, 'excellent' discrimination by Hosmer & Lemeshow's rule of "
@@ -51,13 +55,15 @@ def _cmd_curve(args) -> int:
     res = run_curve(args.store, args.labels, args.out, sizes=parse_sizes(args.sizes), repeats=args.repeats,
                     probes=args.probe or ["linear", "gbm"], test_labels=args.test_labels, seed=args.seed,
                     progress=not args.no_progress, positive=args.positive, log=_warn, bootstrap=args.bootstrap,
-                    metadata=not args.no_metadata_baseline, targets=parse_targets(args.target_auc))
-    print(f"{'model':<36} {'probe':<7} {'n_train':>7} {'draws':>5} {'AUC':>6}  95% CI      {'AUPRC':>6}")
+                    metadata=not args.no_metadata_baseline, extra_rows=args.extra_rows,
+                    targets=parse_targets(args.target_auc))
+    print(f"{'model':<36} {'probe':<8} {'n_train':>7} {'draws':>5} {'AUC':>6}  95% CI      {'AUPRC':>6}")
     for r in res.summary:
-        print(f"{r['model']:<36} {r['probe']:<7} {r['n_train']:>7} {r['draws']:>5} {r['auc_mean']:>6.3f}  "
+        print(f"{r['model']:<36} {r['probe']:<8} {r['n_train']:>7} {r['draws']:>5} {r['auc_mean']:>6.3f}  "
               f"{r['auc_ci_low']:.3f}-{r['auc_ci_high']:.3f} {r['auprc_mean']:>6.3f}")
     for c in res.comparisons:
-        print(f"{c['probe']} n={c['n_train']}: {c['model_a']} - {c['model_b']} AUC {c['difference']:+.3f} "
+        b = c["model_b"] if c["probe_b"] == c["probe"] else f"{c['model_b']} ({c['probe_b']})"
+        print(f"{c['probe']} n={c['n_train']} ({c['draws']} draws): {c['model_a']} - {b} AUC {c['difference']:+.3f} "
               f"(95% CI {c['diff_ci_low']:+.3f} to {c['diff_ci_high']:+.3f}), one-sided p = {c['p_one_sided']:.3g}, "
               f"Holm p = {c['p_holm']:.3g}")
     _print_fits(res.fits)
@@ -81,6 +87,49 @@ def _print_fits(fits: list[dict]) -> None:
 
 def _count(n: float) -> str:
     return f"{n:.2g}" if n > 1e6 else str(n)  # inf stays inf; a far guess needs no 10 digits
+
+
+def _add_finetune(sub) -> None:
+    from .finetune import STRATEGIES, FinetuneConfig
+
+    d = FinetuneConfig()
+    p = sub.add_parser("finetune", help="fine-tuning baselines on the curve's draws: a backbone with a linear head, "
+                                        "trained on each draw, scored on the test split (resumable)")
+    p.add_argument("--labels", required=True, help="CSV with image, label, split (train/test) [, patient_id]")
+    p.add_argument("--image-root", help="folder the CSV's image paths are relative to (default: the CSV's folder)")
+    p.add_argument("--positive", help="the positive class, for labels other than 0/1, true/false, yes/no")
+    p.add_argument("--model", required=True, help="registered model or .safetensors checkpoint whose backbone is tuned")
+    p.add_argument("--strategy", choices=STRATEGIES, default="full",
+                   help="full: every weight trains; last-block: only the last stage, the head convolution and the "
+                        "linear head (default %(default)s)")
+    p.add_argument("--sizes", default="45,85,170", help="training-set sizes, as for curve (default %(default)s)")
+    p.add_argument("--repeats", type=int, default=5, help="draws per size; draw k is the curve's draw k (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws: the curve's --seed (default %(default)s)")
+    p.add_argument("--out", required=True, help="rows CSV to write or extend (curve.csv's format; per-image test scores "
+                                                "go beside it in <stem>.scores.jsonl); finished fits are skipped")
+    p.add_argument("--cache", help="HDF5 cache of the decoded, preprocessed images (default: <out stem>.cache.h5)")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimiser steps per fit (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step (default %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="backbone learning rate; the head's is 10x (default %(default)g)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's, one per core)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_finetune)
+
+
+def _cmd_finetune(args) -> int:
+    import dataclasses
+
+    from .curve import parse_sizes
+    from .finetune import FinetuneConfig, run_finetune
+
+    cfg = dataclasses.replace(FinetuneConfig(), steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+    res = run_finetune(args.labels, args.image_root, args.model, args.strategy, parse_sizes(args.sizes), args.repeats,
+                       args.out, seed=args.seed, config=cfg, positive=args.positive, cache=args.cache,
+                       device=args.device, threads=args.threads, progress=not args.no_progress, log=_warn)
+    print(f"{res.model}: {res.finished} fit(s) run, {res.already} already in {res.out}; "
+          f"{res.seconds:.0f} s ({res.cpu_seconds:.0f} CPU-s). Compare: cxr-embed curve ... --extra-rows {res.out}")
+    return 0
 
 
 def _add_probe(sub) -> None:

@@ -6,14 +6,17 @@ set. Every interval (the band in curve.png, every *_ci_* column) is a 95% percen
 the mean over draws under B replicates that resample test patients and, independently, the draws;
 at `full` there is one draw, so only the test patients vary: the same computation at every size.
 Models are compared on the same draws and the same replicates (paired), one-sided (first store
-better than each other store), Holm-adjusted across all comparisons of the run. Each model and probe's mean AUCs are fitted by an
-inverse power law over the sizes (probes/lcfit.py), refitted on the same replicates, and asked how
-many labels each --target-auc needs (fit.csv).
+better than each other store), Holm-adjusted across all comparisons of the run. Each model and
+probe's mean AUCs are fitted by an inverse power law over the sizes (probes/lcfit.py), refitted on
+the same replicates, and asked how many labels each --target-auc needs (fit.csv).
+
+Fits made elsewhere on the same draws (`extra_rows`: rows files of `cxr-embed finetune`, rows.py)
+join the run as models of their own: summarised like the stores, and compared with the first store's
+probes on the draws both have (a curve of 20 draws against fine-tuning's first 5: those 5).
 """
 
 from __future__ import annotations
 
-import csv
 import os
 import sys
 import time
@@ -34,6 +37,7 @@ from .lcfit import LearningCurveError, fit_learning_curve, fit_rows
 from .metrics import check_test_classes, holm
 from .plot import plot_curve
 from .probe import train_probe
+from .rows import fit_row, read_scored_rows, write_csv
 
 METADATA_COLUMNS = ("view", "source")  # columns a metadata-only baseline may use, where they vary
 OUTPUT_FILES = ("curve.csv", "summary.csv", "comparison.csv", "fit.csv", "curve.png")
@@ -92,6 +96,8 @@ class CurveData:
     te_pat: list[str]
     external: bool
     baseline: str | None = None  # name of the metadata-only entry of names, if any
+    tr_images: list[str] = field(default_factory=list)  # ids of the train rows (the draws index them)
+    te_images: list[str] = field(default_factory=list)
 
     @property
     def grouped(self) -> bool:
@@ -124,24 +130,28 @@ def run_curve(
     positive: str | None = None,
     bootstrap: int = 2000,
     metadata: bool = True,
+    extra_rows: list[str | os.PathLike] = (),
     targets: list[float] = DEFAULT_TARGETS,
 ) -> CurveResult:
     """Train probes on repeated stratified draws of each size, score them on one fixed test set, fit
     the learning curves, and write curve.csv, summary.csv, comparison.csv, fit.csv and curve.png to
-    out_dir (module docstring)."""
+    out_dir (module docstring). `extra_rows`: rows files of fits made on the same draws (`cxr-embed
+    finetune`), compared too."""
     start = time.perf_counter()
     result = CurveResult()
     data = load_curve_data(stores, labels, test_labels, positive, log, result, metadata)
-    plan = _plan(data, sizes, repeats, seed, log)
+    plan = plan_draws(data.tr_y, data.tr_pat, sizes, repeats, seed, log)
     scores = _fit_all(data, plan, list(probes), result, progress)
+    extra = add_extra_fits(data, plan, list(extra_rows), scores, result, log)
     reps = patient_bootstrap(data.te_y, data.te_pat, bootstrap, seed)
     boot = _bootstrap_all(data, scores, reps)
     sizes_done = list(dict.fromkeys(str(s) for s, _, _ in plan))
-    resamples = {s: draw_resamples(len(plan_of(plan, s)), reps.B, seed, i) for i, s in enumerate(sizes_done)}
-    n_train = {s: int(round(np.mean([len(idx) for _, _, idx in plan_of(plan, s)]))) for s in sizes_done}
-    result.summary = _summarise(data, boot, resamples, n_train, reps)
-    result.comparisons = _compare(data, boot, resamples, n_train, list(probes), reps)
-    _fit_curves(data, boot, resamples, n_train, list(targets), result, log)
+    resample = Resampler(sizes_done, reps.B, seed)
+    n_train = {(str(size), rep): len(idx) for size, rep, idx in plan}
+    result.summary = _summarise(data, boot, resample, n_train, reps)
+    pairs = _pairs(data, list(probes), extra)
+    result.comparisons = _compare(data, boot, resample, n_train, pairs, sizes_done, reps)
+    _fit_curves(data, boot, resample, n_train, sizes_done, list(targets), result, log)
     result.seconds = time.perf_counter() - start
     _write_outputs(Path(out_dir), data, result, reps, max(len(plan_of(plan, s)) for s in sizes_done))
     return result
@@ -149,6 +159,16 @@ def run_curve(
 
 def plan_of(plan: list, size: str) -> list:
     return [p for p in plan if str(p[0]) == size]
+
+
+class Resampler:
+    """The resampled draws of each size (bootstrap.draw_resamples), for any number of draws there."""
+
+    def __init__(self, sizes: list[str], B: int, seed: int):
+        self.sizes, self.B, self.seed = sizes, B, seed
+
+    def __call__(self, size: str, n_draws: int) -> np.ndarray:
+        return draw_resamples(n_draws, self.B, self.seed, self.sizes.index(size))
 
 
 def load_curve_data(stores, labels, test_labels, positive, log, result: CurveResult, metadata: bool) -> CurveData:
@@ -181,7 +201,8 @@ def load_curve_data(stores, labels, test_labels, positive, log, result: CurveRes
                      [st.get([table.images[i] for i in keep_train]) for st in opened],
                      [st.get([test_table.images[j] for j in keep_test]) for st in opened],
                      table.labels[keep_train], [table.patients[i] for i in keep_train],
-                     te_y, [test_table.patients[j] for j in keep_test], ext is not None)
+                     te_y, [test_table.patients[j] for j in keep_test], ext is not None,
+                     tr_images=[table.images[i] for i in keep_train], te_images=[test_table.images[j] for j in keep_test])
     if metadata:
         _add_metadata_baseline(data, table, keep_train, test_table, keep_test, log)
     return data
@@ -220,9 +241,11 @@ def _add_metadata_baseline(data: CurveData, table, keep_train, test_table, keep_
     data.test_X.append(Xte)
 
 
-def _plan(data: CurveData, sizes, repeats: int, seed: int, log) -> list[tuple]:
-    """(size, repeat, training indices) for every fit; the same draws for every model."""
-    n_all = len(data.tr_y)
+def plan_draws(tr_y: np.ndarray, tr_pat: list[str], sizes, repeats: int, seed: int, log=print) -> list[tuple]:
+    """(size, repeat, training indices) for every fit; the same draws for every model. Draw k at size n
+    depends only on (seed, n, k) and the train rows, so a run with fewer repeats makes a prefix of
+    another's, and `cxr-embed finetune` on the same labels makes the same draws."""
+    n_all = len(tr_y)
     plan = []
     for size in sizes:
         n = n_all if size == "full" else int(size)
@@ -234,7 +257,7 @@ def _plan(data: CurveData, sizes, repeats: int, seed: int, log) -> list[tuple]:
         reps = 1 if n == n_all else repeats  # draws of the full set are all equal
         for rep in range(reps):
             rng = np.random.default_rng([seed, n, rep])
-            idx = np.arange(n_all) if n == n_all else draw_training_set(data.tr_y, data.tr_pat, n, rng)
+            idx = np.arange(n_all) if n == n_all else draw_training_set(tr_y, tr_pat, n, rng)
             plan.append(("full" if n == n_all else size, rep, idx))
     if not plan:
         raise LabelError(f"no size of {list(sizes)} fits in the {n_all} training images")
@@ -246,7 +269,7 @@ def _fit_all(data: CurveData, plan: list, probes: list[str], result: CurveResult
     jobs = [(m, k) for m in range(len(data.names)) for k in probes if not (data.names[m] == data.baseline and k != "linear")]
     bar = tqdm(total=len(plan) * len(jobs), unit="probe", desc=f"curve {data.task}", disable=not progress,
                file=sys.stderr, mininterval=1.0)
-    scores: dict[tuple, list[np.ndarray]] = defaultdict(list)
+    scores: dict[tuple, dict[int, np.ndarray]] = defaultdict(dict)
     try:
         for size, rep, idx in plan:
             groups = [data.tr_pat[i] for i in idx] if data.grouped else None
@@ -255,45 +278,89 @@ def _fit_all(data: CurveData, plan: list, probes: list[str], result: CurveResult
                 probe = train_probe(data.train_X[m][idx], data.tr_y[idx], kind=kind, groups=groups, random_state=rep)
                 p = probe.predict_proba(data.test_X[m])[:, list(probe.classes_).index(1)]
                 result.seconds_by_probe[kind] += time.perf_counter() - t0
-                scores[(data.names[m], kind, str(size))].append(p)
-                result.rows.append(_fit_row(data, m, kind, size, rep, idx, probe, p))
+                scores[(data.names[m], kind, str(size))][rep] = p
+                chosen = f"C={probe.C_:g}" if kind == "linear" else f"rounds={probe.n_rounds_}"
+                result.rows.append(fit_row(data.task, data.names[m], data.stores[m], kind, size, rep, len(idx), data.te_y,
+                                           p, chosen))
                 bar.update(1)
     finally:
         bar.close()
     return scores
 
 
-def _fit_row(data: CurveData, m: int, kind: str, size, rep: int, idx, probe, p: np.ndarray) -> dict:
-    ones = np.ones((1, len(p)))
-    y = data.te_y == 1
-    return {"task": data.task, "model": data.names[m], "store": data.stores[m], "probe": kind, "size": str(size),
-            "repeat": rep, "n_train": int(len(idx)), "auc": round(float(weighted_auc(y, p, ones)[0]), 5),
-            "auprc": round(float(weighted_average_precision(y, p, ones)[0]), 5),
-            "chosen": f"C={probe.C_:g}" if kind == "linear" else f"rounds={probe.n_rounds_}"}
+def add_extra_fits(data: CurveData, plan: list, paths: list, scores: dict, result: CurveResult, log) -> list[tuple]:
+    """Fits of rows files (rows.py) on this curve's draws join `scores` and `result.rows` (their AUCs
+    recomputed on this curve's test images); returns their (model, probe) pairs. Refuses a fit drawn
+    on other images or lacking a score for a test image; leaves out (and says so) draws not planned here."""
+    draws = {(str(size), rep): idx for size, rep, idx in plan}
+    added, skipped = [], 0
+    for path in paths:
+        for fit in read_scored_rows(path):
+            row = fit.row
+            key = (str(row["size"]), int(row["repeat"]))
+            if row["task"] != data.task or row["model"] in data.names:
+                raise LabelError(f"{path}: fits of task {row['task']!r}, model {row['model']!r} cannot join a curve of "
+                                 f"task {data.task!r} with models {', '.join(data.names)}")
+            if key not in draws:
+                skipped += 1
+                continue
+            if (row["model"], row["probe"], key[0]) in scores and key[1] in scores[(row["model"], row["probe"], key[0])]:
+                raise LabelError(f"{path}: {row['model']} draw {key[1]} at size {key[0]} is given twice")
+            p = _extra_scores(path, fit, data, draws[key])
+            scores[(row["model"], row["probe"], key[0])][key[1]] = p
+            result.rows.append(fit_row(data.task, row["model"], str(path), row["probe"], key[0], key[1],
+                                       len(draws[key]), data.te_y, p, row["chosen"]))
+            added.append((row["model"], row["probe"]))
+    if skipped:
+        log(f"note: {skipped} fit(s) of the extra rows are at sizes or draws this curve does not make; left out")
+    return list(dict.fromkeys(added))
+
+
+def _extra_scores(path, fit, data: CurveData, idx: np.ndarray) -> np.ndarray:
+    """The fit's scores on this curve's test images, after checking it was trained on this draw."""
+    row = fit.row
+    mine = {data.tr_images[i] for i in idx}
+    if set(fit.train_images) != mine:
+        raise LabelError(f"{path}: {row['model']} draw {row['repeat']} at size {row['size']} was trained on other images "
+                         f"than this curve draws ({len(mine ^ set(fit.train_images))} differ): make both from the same "
+                         "labels with the same --seed, and embed every train image into every store")
+    missing = [i for i in data.te_images if i not in fit.scores]
+    if missing:
+        raise LabelError(f"{path}: {row['model']} has no test score for {len(missing)} of this curve's test images "
+                         f"(e.g. {missing[0]}); it was scored on another test set")
+    return np.array([fit.scores[i] for i in data.te_images], dtype=np.float64)
 
 
 def _bootstrap_all(data: CurveData, scores: dict, reps: Replicates) -> dict:
-    """(model, probe, size) -> {"auc"|"auprc": (per-draw values (R,), replicate values (R, B))}."""
+    """(model, probe, size) -> {"reps": draw numbers, "auc"|"auprc": (per-draw values (R,), replicate
+    values (R, B))}, draws in increasing order."""
     y = data.te_y == 1
     ones = np.ones((1, len(y)))
     out = {}
-    for key, vectors in scores.items():
-        out[key] = {}
+    for key, by_rep in scores.items():
+        draws = sorted(by_rep)
+        vectors = [by_rep[r] for r in draws]
+        out[key] = {"reps": draws}
         for metric, fn in (("auc", weighted_auc), ("auprc", weighted_average_precision)):
             out[key][metric] = (np.array([fn(y, v, ones)[0] for v in vectors]),
                                 np.stack([fn(y, v, reps.weights) for v in vectors]))
     return out
 
 
-def _summarise(data: CurveData, boot: dict, resamples: dict, n_train: dict, reps: Replicates) -> list[dict]:
+def _mean_n(n_train: dict, size: str, draws: list[int]) -> int:
+    return int(round(np.mean([n_train[(size, r)] for r in draws])))
+
+
+def _summarise(data: CurveData, boot: dict, resample: Resampler, n_train: dict, reps: Replicates) -> list[dict]:
     method = (f"95% CI of the mean over draws: {reps.B} replicates resampling {reps.n_patients} test patients "
               "and the training draws (percentile)")
     rows = []
-    for (model, kind, size), metrics in boot.items():
-        row = {"task": data.task, "model": model, "probe": kind, "size": size, "n_train": n_train[size],
-               "draws": len(metrics["auc"][0]), "n_test": len(data.te_y), "n_test_patients": reps.n_patients}
+    for (model, kind, size), entry in boot.items():
+        metrics = {m: entry[m] for m in ("auc", "auprc")}
+        row = {"task": data.task, "model": model, "probe": kind, "size": size, "n_train": _mean_n(n_train, size, entry["reps"]),
+               "draws": len(entry["reps"]), "n_test": len(data.te_y), "n_test_patients": reps.n_patients}
         for metric, (per_draw, values) in metrics.items():
-            iv = mean_interval(per_draw, values, resamples[size])
+            iv = mean_interval(per_draw, values, resample(size, len(per_draw)))
             row.update({f"{metric}_mean": round(iv.estimate, 4), f"{metric}_ci_low": round(iv.low, 4),
                         f"{metric}_ci_high": round(iv.high, 4)})
         lo, hi = np.percentile(metrics["auc"][0], [2.5, 97.5])
@@ -302,42 +369,54 @@ def _summarise(data: CurveData, boot: dict, resamples: dict, n_train: dict, reps
     return rows
 
 
-def _compare(data: CurveData, boot: dict, resamples: dict, n_train: dict, probes: list[str],
-             reps: Replicates) -> list[dict]:
-    """The first store against each other store, per probe and size: paired difference of mean AUC,
-    its interval, a one-sided p (first better), Holm-adjusted across every row."""
+def _pairs(data: CurveData, probes: list[str], extra: list[tuple]) -> list[tuple]:
+    """What comparison.csv compares: ((model, probe) a, (model, probe) b): the first store against each
+    other store with the same probe, and the first store's probes against each extra (fine-tuned) model."""
     models = [n for n in data.names if n != data.baseline]
+    pairs = [((models[0], k), (other, k)) for k in probes for other in models[1:]]
+    return pairs + [((models[0], k), e) for k in probes for e in extra]
+
+
+def _compare(data: CurveData, boot: dict, resample: Resampler, n_train: dict, pairs: list, sizes: list[str],
+             reps: Replicates) -> list[dict]:
+    """Per pair and size, on the draws both have: paired difference of mean AUC, its interval, a
+    one-sided p (a better), Holm-adjusted across every row."""
     rows = []
-    for kind in probes:
-        for other in models[1:]:
-            for size in resamples:
-                a, b = boot[(models[0], kind, size)]["auc"], boot[(other, kind, size)]["auc"]
-                iv = mean_interval(a[0] - b[0], a[1] - b[1], resamples[size])
-                rows.append({"task": data.task, "probe": kind, "size": size, "n_train": n_train[size],
-                             "draws": len(a[0]), "model_a": models[0], "model_b": other,
-                             "auc_a": round(float(a[0].mean()), 4), "auc_b": round(float(b[0].mean()), 4),
-                             "difference": round(iv.estimate, 4), "diff_ci_low": round(iv.low, 4),
-                             "diff_ci_high": round(iv.high, 4), "p_one_sided": float(f"{iv.p_greater:.4g}"),
-                             "n_test": len(data.te_y), "n_test_patients": reps.n_patients, "bootstrap": reps.B})
+    for (model_a, kind), (model_b, kind_b) in pairs:
+        for size in sizes:
+            a, b = boot.get((model_a, kind, size)), boot.get((model_b, kind_b, size))
+            common = [r for r in a["reps"] if r in b["reps"]] if a and b else []
+            if not common:
+                continue
+            ia, ib = [a["reps"].index(r) for r in common], [b["reps"].index(r) for r in common]
+            da, db = a["auc"][0][ia], b["auc"][0][ib]
+            iv = mean_interval(da - db, a["auc"][1][ia] - b["auc"][1][ib], resample(size, len(common)))
+            rows.append({"task": data.task, "probe": kind, "size": size, "n_train": _mean_n(n_train, size, common),
+                         "draws": len(common), "model_a": model_a, "model_b": model_b, "probe_b": kind_b,
+                         "auc_a": round(float(da.mean()), 4), "auc_b": round(float(db.mean()), 4),
+                         "difference": round(iv.estimate, 4), "diff_ci_low": round(iv.low, 4),
+                         "diff_ci_high": round(iv.high, 4), "p_one_sided": float(f"{iv.p_greater:.4g}"),
+                         "n_test": len(data.te_y), "n_test_patients": reps.n_patients, "bootstrap": reps.B})
     for row, p in zip(rows, holm([r["p_one_sided"] for r in rows])):
         row["p_holm"] = float(f"{p:.4g}")
     return rows
 
 
-def _fit_curves(data: CurveData, boot: dict, resamples: dict, n_train: dict, targets: list[float],
-                result: CurveResult, log) -> None:
-    """The power-law fit of every model's (not the baseline's) mean AUC over the sizes, refitted on
-    each bootstrap replicate; a run with fewer than 3 sizes gets a warning and no fit.csv."""
-    sizes = list(resamples)
+def _fit_curves(data: CurveData, boot: dict, resample: Resampler, n_train: dict, sizes_done: list[str],
+                targets: list[float], result: CurveResult, log) -> None:
+    """The power-law fit of every model's (not the baseline's) mean AUC over its sizes, refitted on
+    each bootstrap replicate; a model with fewer than 3 sizes gets a note and no fit."""
     for model, kind in dict.fromkeys((m, k) for m, k, _ in boot if m != data.baseline):
-        per_size = [boot[(model, kind, s)]["auc"] for s in sizes]
-        reps = np.stack([replicated_means(v, resamples[s]) for (_, v), s in zip(per_size, sizes)], axis=1)
+        sizes = [s for s in sizes_done if (model, kind, s) in boot]
+        entries = [boot[(model, kind, s)] for s in sizes]
+        reps = np.stack([replicated_means(e["auc"][1], resample(s, len(e["reps"]))) for e, s in zip(entries, sizes)],
+                        axis=1)
         try:
-            fit = fit_learning_curve([n_train[s] for s in sizes], [d.mean() for d, _ in per_size],
-                                     reps[np.all(np.isfinite(reps), axis=1)])
+            fit = fit_learning_curve([_mean_n(n_train, s, e["reps"]) for e, s in zip(entries, sizes)],
+                                     [e["auc"][0].mean() for e in entries], reps[np.all(np.isfinite(reps), axis=1)])
         except LearningCurveError as e:
-            log(f"note: no learning-curve fit (fit.csv not written): {e}")
-            return
+            log(f"note: no learning-curve fit for {model} / {kind} (not in fit.csv): {e}")
+            continue
         result.curves[(model, kind)] = fit
         result.fits += [{"task": data.task, "model": model, "probe": kind, **row} for row in fit_rows(fit, targets)]
 
@@ -356,10 +435,12 @@ def model_names(stores: list[Store]) -> list[str]:
 
 def _write_outputs(out: Path, data: CurveData, result: CurveResult, reps: Replicates, draws: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    _write_csv(out / "curve.csv", result.rows)
-    _write_csv(out / "summary.csv", result.summary)
-    _write_csv(out / "comparison.csv", result.comparisons)
-    _write_csv(out / "fit.csv", result.fits)
+    for name, rows in (("curve.csv", result.rows), ("summary.csv", result.summary),
+                       ("comparison.csv", result.comparisons), ("fit.csv", result.fits)):
+        if rows:
+            write_csv(out / name, rows)
+        else:  # nothing of this kind in this run: a file left by an earlier run would be read as this one's
+            (out / name).unlink(missing_ok=True)
     n_pos = int((data.te_y == 1).sum())
     title = (f"{data.task}: test n={len(data.te_y)} ({n_pos} positive, {reps.n_patients} patients"
              f"{', external' if data.external else ''}); {draws} training draws per size, 1 at full")
@@ -367,15 +448,3 @@ def _write_outputs(out: Path, data: CurveData, result: CurveResult, reps: Replic
     fitted = {key: (x, result.curves[key].curve.auc(x)) for key, x in grids.items()}
     plot_curve(result.summary, result.comparisons, out / "curve.png", title=title, baseline=data.baseline,
                prevalence=n_pos / len(data.te_y), fitted=fitted)
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    if not rows:  # nothing of this kind in this run: a file left by an earlier run would be read as this one's
-        path.unlink(missing_ok=True)
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)

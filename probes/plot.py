@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+STYLES = {"linear": "-", "gbm": "-"}  # line style per probe kind (dashed is the fit); other kinds (fine-tuning): dash-dot
 BAND = "band: 95% CI of the mean over draws\n(test patients and draws resampled)"
 MARKERS = {"linear": "o", "gbm": "s"}
 
@@ -36,7 +37,7 @@ def _metric_panel(ax, summary: list[dict], metric: str, colours: dict, baseline:
     for (model, kind) in dict.fromkeys((r["model"], r["probe"]) for r in summary):
         rows = sorted((r for r in summary if r["model"] == model and r["probe"] == kind), key=lambda r: r["n_train"])
         x = [r["n_train"] for r in rows]
-        style = ":" if model == baseline else "-"
+        style = ":" if model == baseline else STYLES.get(kind, "-.")
         label = model if model == baseline else f"{model} / {kind}"
         ax.plot(x, [r[f"{metric}_mean"] for r in rows], style, marker=MARKERS.get(kind, "o"), ms=3,
                 lw=1.0 if kind == "linear" else 0.7, color=colours[model], label=label)
@@ -53,11 +54,13 @@ def _fit_lines(ax, fitted: dict, colours: dict) -> None:
 
 
 def _difference_panel(ax, comparisons: list[dict]) -> None:
-    for (kind, other) in dict.fromkeys((c["probe"], c["model_b"]) for c in comparisons):
-        rows = sorted((c for c in comparisons if c["probe"] == kind and c["model_b"] == other), key=lambda c: c["n_train"])
+    for (kind, other, kind_b) in dict.fromkeys((c["probe"], c["model_b"], c["probe_b"]) for c in comparisons):
+        rows = sorted((c for c in comparisons if (c["probe"], c["model_b"], c["probe_b"]) == (kind, other, kind_b)),
+                      key=lambda c: c["n_train"])
         x = [c["n_train"] for c in rows]
-        line, = ax.plot(x, [c["difference"] for c in rows], "-", marker=MARKERS.get(kind, "o"), ms=3,
-                        label=f"{kind}: {rows[0]['model_a']} - {other}")
+        b = other if kind_b == kind else f"{other} ({kind_b})"
+        line, = ax.plot(x, [c["difference"] for c in rows], "-" if kind_b == kind else "-.",
+                        marker=MARKERS.get(kind, "o"), ms=3, label=f"{kind}: {rows[0]['model_a']} - {b}")
         ax.fill_between(x, [c["diff_ci_low"] for c in rows], [c["diff_ci_high"] for c in rows],
                         color=line.get_color(), alpha=0.12, linewidth=0)
         for c in rows:

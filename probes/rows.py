@@ -1,0 +1,154 @@
+"""Fit rows in the format of curve.csv, and rows made elsewhere that the curve can take in.
+
+A fit that is not a probe on a store (`cxr-embed finetune` fits a network on the pixels) writes one
+row per fit to a CSV with curve.csv's columns, and beside it, in `<stem>.scores.jsonl`, one record
+per fit: the training images it was drawn (so the curve can check that its draws are the same) and
+its score for every test image (so the curve's paired, patient-bootstrapped statistics can use it).
+Both files are rewritten whole and atomically after each fit, the records first: a fit counts as
+done when both files hold it, so a run killed at any moment resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cxr_embed.errors import CxrEmbedError
+
+from .bootstrap import weighted_auc, weighted_average_precision
+
+COLUMNS = ("task", "model", "store", "probe", "size", "repeat", "n_train", "auc", "auprc", "chosen")
+
+
+class RowsFileError(CxrEmbedError, ValueError):
+    """A rows file (or its scores beside it) that is not ours, is damaged, or lacks what is needed."""
+
+
+def fit_row(task: str, model: str, store: str, probe: str, size, repeat: int, n_train: int, y: np.ndarray,
+            scores: np.ndarray, chosen: str) -> dict:
+    """One row of curve.csv: AUC and AUPRC of `scores` on test labels `y` (1 = positive)."""
+    y = np.asarray(y) == 1
+    ones = np.ones((1, len(y)))
+    return {"task": task, "model": model, "store": store, "probe": probe, "size": str(size), "repeat": int(repeat),
+            "n_train": int(n_train), "auc": round(float(weighted_auc(y, scores, ones)[0]), 5),
+            "auprc": round(float(weighted_average_precision(y, scores, ones)[0]), 5), "chosen": chosen}
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Write rows (the first row's keys are the header) atomically: a reader never sees half a file."""
+    if not rows:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def scores_path(path: str | os.PathLike) -> Path:
+    """Where the per-fit records of the rows file `path` live: `<stem>.scores.jsonl` beside it."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.scores.jsonl")
+
+
+@dataclass
+class ScoredFit:
+    """A finished fit: its curve.csv row, the images it was trained on, and its test scores by image."""
+
+    row: dict
+    train_images: list[str]
+    scores: dict[str, float]
+
+    @property
+    def key(self) -> tuple[str, str, str, int]:
+        return fit_key(self.row)
+
+
+def fit_key(row: dict) -> tuple[str, str, str, int]:
+    """(model, probe, size, repeat): what identifies a fit within one task's rows file."""
+    return str(row["model"]), str(row["probe"]), str(row["size"]), int(row["repeat"])
+
+
+class ScoredRows:
+    """The finished fits of one rows file, kept resumably (module docstring)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.fits: dict[tuple, ScoredFit] = {}
+        rows = _read_rows(self.path)
+        records = _read_records(scores_path(self.path)) if rows else {}
+        for key, row in rows.items():
+            if key in records:  # a row without its record (the kill came between the two writes) is redone
+                self.fits[key] = ScoredFit(row, records[key]["train_images"],
+                                           dict(zip(records[key]["test_images"], records[key]["scores"])))
+
+    def __contains__(self, key: tuple) -> bool:
+        return key in self.fits
+
+    def add(self, fit: ScoredFit) -> None:
+        """Keep `fit` (replacing one with the same key) and rewrite both files."""
+        self.fits[fit.key] = fit
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        records = [{"key": list(f.key), "train_images": f.train_images, "test_images": list(f.scores),
+                    "scores": list(f.scores.values())} for f in self.fits.values()]
+        tmp = scores_path(self.path).with_name(scores_path(self.path).name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in records)
+        os.replace(tmp, scores_path(self.path))
+        write_csv(self.path, [f.row for f in self.fits.values()])
+
+
+def _read_rows(path: Path) -> dict[tuple, dict]:
+    if not path.exists():
+        return {}
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            header, rows = tuple(reader.fieldnames or ()), list(reader)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise RowsFileError(f"{path} cannot be read as a rows file ({exc}); move it away to start over") from None
+    if header != COLUMNS:
+        raise RowsFileError(f"{path} is not a rows file of curve.csv's format (columns {', '.join(COLUMNS)}); "
+                            f"it has {', '.join(header) or 'no header'}: name another --out")
+    try:
+        return {fit_key(r): r for r in rows}
+    except (ValueError, TypeError) as exc:
+        raise RowsFileError(f"{path}: a row has no whole-number repeat ({exc}); move it away to start over") from None
+
+
+def _read_records(path: Path) -> dict[tuple, dict]:
+    if not path.exists():
+        return {}
+    out = {}
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, start=1):
+            try:
+                rec = json.loads(line)
+                key = (str(rec["key"][0]), str(rec["key"][1]), str(rec["key"][2]), int(rec["key"][3]))
+                if len(rec["test_images"]) != len(rec["scores"]):
+                    raise ValueError("as many scores as test images expected")
+            except (ValueError, KeyError, IndexError, TypeError) as exc:
+                raise RowsFileError(f"{path} line {n}: not a fit record ({exc}); it is written by `cxr-embed "
+                                    "finetune`: move it away (with its rows file) to start over") from None
+            out[key] = rec
+    return out
+
+
+def read_scored_rows(path: str | os.PathLike) -> list[ScoredFit]:
+    """The finished fits of a rows file, for the curve; refuses a file without its per-image scores."""
+    path = Path(path)
+    if not path.is_file():
+        raise RowsFileError(f"no rows file at {path}")
+    if not scores_path(path).is_file():
+        raise RowsFileError(f"{path} has no per-image test scores beside it ({scores_path(path).name}): the curve "
+                            "needs them for paired statistics; rows written by `cxr-embed finetune` have them")
+    fits = list(ScoredRows(path).fits.values())
+    if not fits:
+        raise RowsFileError(f"{path} holds no finished fit")
+    return fits
