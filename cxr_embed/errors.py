@@ -147,3 +147,10 @@ class NonFiniteEmbedding(ModelError):
     a failure of ours for that image, never an embedding."""
 
     code = "non_finite_embedding"
+
+
+class MissingDependency(ConfigError):
+    """Something asked for needs a package this install lacks (PyTorch on a slim install, OpenVINO
+    without the extra); the message says what to install, or what to use instead."""
+
+    code = "missing_dependency"

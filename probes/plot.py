@@ -59,8 +59,9 @@ def _difference_panel(ax, comparisons: list[dict]) -> None:
 def plot_curve(summary: list[dict], comparisons: list[dict], path: Path, title: str, baseline: str | None = None,
                prevalence: float | None = None) -> None:
     """Three panels: AUC and AUPRC (mean over draws, with their band), and the paired AUC difference."""
-    import matplotlib
+    from cxr_embed.optional import require
 
+    matplotlib = require("matplotlib", "the curve's plot")  # not in a slim install
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
