@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # measure this checkout's cxr_embed, whichever one is installed
@@ -31,11 +30,11 @@ from cxr_embed.store import Store  # noqa: E402
 BACKENDS = {"torch": ("torch", "f32"), "openvino-f32": ("openvino", "f32"), "openvino-bf16": ("openvino", "bf16")}
 
 
-def bare(emb: Embedder, tensors: list[torch.Tensor], batch: int) -> tuple[float, np.ndarray]:
+def bare(emb: Embedder, tensors: list[np.ndarray], batch: int) -> tuple[float, np.ndarray]:
     """Seconds and embeddings of the runtime's forward pass over already-decoded tensors."""
     t, out = time.perf_counter(), []
     for i in range(0, len(tensors), batch):
-        out.append(emb.forward(torch.stack(tensors[i : i + batch])))
+        out.append(emb.forward(np.stack(tensors[i : i + batch])))
     return time.perf_counter() - t, np.concatenate(out)
 
 

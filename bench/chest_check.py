@@ -73,7 +73,7 @@ def tensors(sources, cfg):
             kept.append(key)
         except InputError:
             pass  # multi-frame, no pixel data, too small...: never reaches the check
-    return torch.stack(xs), kept
+    return torch.from_numpy(np.stack(xs)), kept
 
 
 @torch.inference_mode()

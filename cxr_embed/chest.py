@@ -21,12 +21,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from .errors import UnknownModel
 from .image import ImageInfo
-from .models import WEIGHTS_DIR, EmbeddingModel, get_spec
+from .registry import WEIGHTS_DIR, get_spec
+from .resize import resize
 
 CHEST_MODALITIES = {"CR", "DX"}
 CHEST_BODY_PARTS = {"CHEST", "THORAX", "LUNG", "LUNGS", "TORAX", "TORSO", "PORT CHEST"}
@@ -35,12 +34,27 @@ CHECK_MODEL = "imagenet-effnet-lite0"
 CHECK_SIZE = 128  # the check looks at a 128 px copy: a third of a 224 px forward pass, same separation (BENCHMARKS.md)
 
 
-@torch.inference_mode()
-def check_embeddings(model: EmbeddingModel, batch: torch.Tensor, size: int = CHECK_SIZE) -> np.ndarray:
-    """Embeddings for the chest check from canonical model inputs (N, 3, 224, 224), resized to `size`."""
-    if batch.shape[-1] != size:
-        batch = F.interpolate(batch, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return model(batch).float().cpu().numpy()
+def check_input(batch: np.ndarray, size: int = CHECK_SIZE) -> np.ndarray:
+    """The check network's input: canonical model inputs (N, C, S, S) resized to `size` px
+    (antialiased bilinear, `resize.py`), float32. A channel equal to the first (the canonical input's
+    three are copies of one grey image) is resized once."""
+    batch = np.asarray(batch, dtype=np.float32)
+    if batch.shape[-2:] == (size, size):
+        return batch
+    out = np.empty((*batch.shape[:-2], size, size), dtype=np.float32)
+    for n in range(len(batch)):
+        first = out[n, 0] = resize(batch[n, 0], size, size)
+        for c in range(1, batch.shape[1]):
+            out[n, c] = first if np.array_equal(batch[n, c], batch[n, 0]) else resize(batch[n, c], size, size)
+    return out
+
+
+def check_embeddings(model, batch, size: int = CHECK_SIZE) -> np.ndarray:
+    """Embeddings for the chest check by a torch model (an EmbeddingModel) from canonical model
+    inputs (N, 3, 224, 224), resized to `size` (`check_input`). Needs PyTorch."""
+    from .torch_backend import TorchNetwork
+
+    return TorchNetwork(model, next(model.parameters()).device)(check_input(np.asarray(batch), size))
 
 
 @dataclass
@@ -101,12 +115,27 @@ class ReferenceSet:
         return WEIGHTS_DIR / (name or f"{model_name}.reference.npz")
 
     @classmethod
-    def for_model(cls, model: EmbeddingModel) -> "ReferenceSet | None":
+    def load(cls, path: str | os.PathLike) -> "ReferenceSet":
+        with np.load(path, allow_pickle=False) as z:
+            return cls(z["embeddings"], float(z["threshold"]), str(z["weights_hash"]), int(z["size"]))
+
+    @classmethod
+    def size_for(cls, model_name: str) -> int:
+        """The input size the model's shipped reference set was embedded at (CHECK_SIZE if none)."""
+        path = cls.path_for(model_name)
+        if not path.exists():
+            return CHECK_SIZE
+        with np.load(path, allow_pickle=False) as z:
+            return int(z["size"])
+
+    @classmethod
+    def for_model(cls, model) -> "ReferenceSet | None":
+        """The shipped reference set of `model` (anything with `name` and `weights_hash`: an
+        EmbeddingModel, or an ExportedModel), None when missing or made with other weights."""
         path = cls.path_for(model.name)
         if not path.exists():
             return None
-        with np.load(path, allow_pickle=False) as z:
-            ref = cls(z["embeddings"], float(z["threshold"]), str(z["weights_hash"]), int(z["size"]))
+        ref = cls.load(path)
         return ref if ref.weights_hash == model.weights_hash else None
 
     @classmethod
@@ -157,7 +186,7 @@ def build_reference(sources: list, model: str = CHECK_MODEL, size: int = CHECK_S
                                                          disable=not progress, mininterval=1.0)]
     finally:
         embedder.close()
-    embs = np.concatenate([check_embeddings(embedder.model, torch.stack(tensors[i : i + batch]), size)
+    embs = np.concatenate([check_embeddings(embedder.model, np.stack(tensors[i : i + batch]), size)
                            for i in range(0, len(tensors), batch)])
     return ReferenceSet.build(embs, embedder.model.weights_hash, size=size)
 

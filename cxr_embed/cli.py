@@ -17,7 +17,7 @@ def note(text: str) -> None:
 
 def loading_message(model: str | None) -> str:
     """Why the first seconds are slow, said once before the model loads."""
-    from .models import default_model_name
+    from .registry import default_model_name
 
     return (f"loading {model or default_model_name()} (a few seconds; the first batch is slower while the model "
             "warms up, later ones run at full speed)")
@@ -54,8 +54,9 @@ def add_ray_options(p) -> None:
 def add_backend_options(p, default: str | None = "torch") -> None:
     """--runtime and --precision, for every command that runs the model (embed, serve)."""
     p.add_argument("--runtime", "--backend", dest="backend", default=default, choices=["torch", "openvino"],
-                   help="what runs the model: torch, or openvino (CPU; the model's ONNX export, built once "
-                        "into the cache folder, CXR_EMBED_CACHE) (default: torch)")
+                   help="what runs the model: torch, or openvino (CPU; the model's ONNX export shipped in the "
+                        "package, or for a checkpoint built once into the cache folder, CXR_EMBED_CACHE; the only "
+                        "one a slim install has) (default: torch)")
     p.add_argument("--precision", default="f32" if default else None, choices=["f32", "bf16"],
                    help="f32 (default; openvino gives torch's embeddings within 1e-4) or bf16 (openvino "
                         "only: faster, embeddings off by up to about 0.5; opt-in)")
@@ -192,7 +193,7 @@ def _add_models(sub) -> None:
 
 
 def _cmd_models(args) -> int:
-    from .models import default_model_name, get_spec, list_models
+    from .registry import default_model_name, get_spec, list_models
 
     default = default_model_name()
     for name in list_models():
@@ -296,6 +297,27 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _add_export_onnx(sub) -> None:
+    p = sub.add_parser("export-onnx", help="write a model's checked ONNX export (for --runtime openvino, and a slim "
+                                           "install's --model FILE.onnx)")
+    p.add_argument("--model", default=None, help="registered model name or .safetensors checkpoint (default: the shipped model)")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.set_defaults(func=_cmd_export_onnx)
+
+
+def _cmd_export_onnx(args) -> int:
+    from .export_onnx import check_onnx, export_onnx
+    from .models import create_model
+
+    if not args.out.endswith(".onnx"):
+        raise CxrEmbedError(f"--out {args.out}: name it *.onnx (a slim install takes --model FILE.onnx)")
+    model = create_model(args.model)
+    meta = check_onnx(export_onnx(model, args.out), model.identity)
+    print(f"wrote {args.out}: {model.name} (weights {meta['weights_hash']}, {meta['preprocess_version']}, "
+          f"dim {meta['dim']}), ONNX {meta['format']}")
+    return 0
+
+
 def _add_preview(sub) -> None:
     p = sub.add_parser("preview", help="save the exact image the model sees (after windowing and letterboxing)")
     p.add_argument("image", help="a DICOM, PNG or JPEG file")
@@ -305,13 +327,15 @@ def _add_preview(sub) -> None:
 
 
 def _cmd_preview(args) -> int:
-    from .models import create_model, default_model_name, get_spec
     from .preview import preview_image
+    from .registry import default_model_name, get_spec
 
     name = args.model or default_model_name()
     try:
         config = get_spec(name).preprocess
-    except CxrEmbedError:  # a checkpoint path: its preprocessing is in the file
+    except CxrEmbedError:  # a checkpoint path: its preprocessing is in the file (PyTorch: the full package)
+        from .models import create_model
+
         config = create_model(name).preprocess
     image = preview_image(args.image, config)
     try:
@@ -346,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_embed(sub)
     _add_export(sub)
+    _add_export_onnx(sub)
     _add_preview(sub)
     _add_info(sub)
     _add_store(sub)

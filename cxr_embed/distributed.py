@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .batch import EmbedProgress, EmbedSummary, InputItem, embed_into
-from .errors import ConfigError, CxrEmbedError, DistributedJobError, MissingExtra, StoreError
+from .errors import ConfigError, CxrEmbedError, DistributedJobError, MissingDependency, StoreError
 from .identity import ModelIdentity
 from .runtime import RuntimeSettings
 from .store import Store, StoreWriter, check_identity, merge_stores
@@ -49,7 +49,7 @@ def require_ray():
         import ray
         import ray.data  # noqa: F401  (the `data` part of the extra)
     except ImportError as exc:
-        raise MissingExtra(f"--ray needs Ray Data ({exc}): pip install 'cxr-embed[ray]' (or 'ray[data]>=2.10') here "
+        raise MissingDependency(f"--ray needs Ray Data ({exc}): pip install 'cxr-embed[ray]' (or 'ray[data]>=2.10') here "
                            "and on every node of the cluster") from None
     return ray
 

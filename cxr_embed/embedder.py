@@ -8,17 +8,17 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator, Sequence
 
+import os
+
 import numpy as np
-import torch
 
 from .errors import ConfigError
 from .identity import ModelIdentity
 from .image import ImageInfo
 from .ingest import ImageSource
-from .models import EmbeddingModel
-from .runtime import CPU_CHUNK, EmbeddingResult, Runtime, RuntimeSettings, in_chunks, model_numpy, pick_device
+from .runtime import CPU_CHUNK, EmbeddingResult, Runtime, RuntimeSettings, in_chunks
 
-__all__ = ["Embedder", "EmbeddingResult", "CPU_CHUNK", "in_chunks", "model_numpy", "pick_device"]
+__all__ = ["Embedder", "EmbeddingResult", "CPU_CHUNK", "in_chunks"]
 
 
 class Embedder:
@@ -29,28 +29,33 @@ class Embedder:
     `backend="openvino"` runs the same model through OpenVINO on the CPU, at `precision` "f32" (the
     torch embeddings within 1e-4) or "bf16" (opt-in; see the README's "Backends")."""
 
-    def __init__(self, model: str | EmbeddingModel | None = None, batch_size: int = 32, device: str | None = None,
+    def __init__(self, model=None, batch_size: int = 32, device: str | None = None,
                  decode_workers: int = 2, image_check: str = "never", settings: RuntimeSettings | None = None,
                  backend: str = "torch", precision: str = "f32"):
+        """`model`: a registered name, a checkpoint path (or with backend "openvino" an .onnx export),
+        an EmbeddingModel object, or None for the shipped default."""
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise ConfigError("batch_size must be at least 1")
+        named = model is None or isinstance(model, (str, os.PathLike))
         if settings is None:
-            settings = RuntimeSettings(model=None if isinstance(model, EmbeddingModel) else model,
+            settings = RuntimeSettings(model=model if named else None,
                                        device=device or "auto", decode_threads=max(1, int(decode_workers)),
                                        image_check=image_check, backend=backend, precision=precision)
-        self.runtime = Runtime(settings, model=model if isinstance(model, EmbeddingModel) else None)
+        self.runtime = Runtime(settings, model=None if named else model)
 
     def close(self) -> None:
         """Stop the decoding threads (they also stop with the process)."""
         self.runtime.close()
 
     @property
-    def model(self) -> EmbeddingModel:
+    def model(self):
+        """The torch backend's inference copy of the model (an EmbeddingModel); with "openvino",
+        the model its ONNX export describes (`export_onnx.ExportedModel`)."""
         return self.runtime.model
 
     @property
-    def device(self) -> torch.device:
+    def device(self):
         return self.runtime.device
 
     @property
@@ -61,15 +66,15 @@ class Embedder:
     def dim(self) -> int:
         return self.runtime.dim
 
-    def prepare(self, source: ImageSource) -> tuple[torch.Tensor, ImageInfo]:
+    def prepare(self, source: ImageSource) -> tuple[np.ndarray, ImageInfo]:
         """Decode and preprocess one input (raises InputError on bad input)."""
         p = self.runtime.prepare(source)
         if p.error is not None:
             raise p.error
         return p.tensor, p.info
 
-    def forward(self, batch: torch.Tensor) -> np.ndarray:
-        """Embeddings of already-preprocessed tensors (N, 3, S, S)."""
+    def forward(self, batch) -> np.ndarray:
+        """Embeddings of already-preprocessed inputs (N, 3, S, S) (numpy, or a torch tensor)."""
         return self.runtime.forward(batch)[0]
 
     def embed(self, sources: Sequence[ImageSource]) -> np.ndarray:

@@ -149,10 +149,11 @@ class NonFiniteEmbedding(ModelError):
     code = "non_finite_embedding"
 
 
-class MissingExtra(ConfigError):
-    """A feature whose optional packages are not installed (e.g. `--ray` without the `ray` extra)."""
+class MissingDependency(ConfigError):
+    """Something asked for needs a package this install lacks (PyTorch on a slim install, OpenVINO
+    without the extra); the message says what to install, or what to use instead."""
 
-    code = "missing_extra"
+    code = "missing_dependency"
 
 
 class DistributedJobError(CxrEmbedError):

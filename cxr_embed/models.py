@@ -1,7 +1,9 @@
-"""Registry of named embedding models, in the style of timm.create_model.
+"""The PyTorch side of the model registry (`registry.py`): a name or checkpoint becomes a timm network.
 
 A name resolves to a timm architecture, its weights, its preprocessing and its embedding dimension.
-The embedding is always the backbone's global-average-pooled output (timm `num_classes=0`).
+The embedding is always the backbone's global-average-pooled output (timm `num_classes=0`). Needs
+PyTorch: importing this module from a slim install raises MissingDependency, which says to install
+the full package.
 """
 
 from __future__ import annotations
@@ -11,74 +13,24 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-import timm
-import torch
-from torch import nn
+from .optional import require
 
-from .errors import CheckpointError, UnknownModel
-from .identity import ModelIdentity
-from .preprocess import PreprocessConfig
+require("torch", "building a PyTorch model (cxr_embed.models)")
+import timm  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
-WEIGHTS_DIR = Path(__file__).with_name("weights")
-SHIPPED_MODEL = "cxr-supcon-effnet-lite0"
-BASELINE_MODEL = "imagenet-effnet-lite0"
+from .errors import CheckpointError, UnknownModel  # noqa: E402
+from .identity import ModelIdentity  # noqa: E402
+from .preprocess import PreprocessConfig  # noqa: E402
+# the registry, read through here too (`from cxr_embed.models import get_spec` ...)
+from .registry import (  # noqa: E402,F401
+    BASELINE_MODEL, SHIPPED_MODEL, WEIGHTS_DIR, ModelSpec, available, default_model_name, get_spec, is_registered,
+    list_models, package_files, register_model)
 
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A registered model: architecture, weights, preprocessing, dimension, and the package files it
-    owns (under `cxr_embed/weights/`; the built wheel must hold every one: tests/test_wheel.py)."""
-
-    name: str
-    arch: str
-    dim: int
-    preprocess: PreprocessConfig
-    load_state_dict: Callable[[], dict[str, torch.Tensor]] = field(compare=False, repr=False)
-    description: str = ""
-    weights_file: str | None = None  # shipped weights, when they are in the package
-    reference_file: str | None = None  # the chest-check reference set built with this model
-
-    @property
-    def files(self) -> tuple[str, ...]:
-        return tuple(f for f in (self.weights_file, self.reference_file) if f)
-
-
-_REGISTRY: dict[str, ModelSpec] = {}
 log = logging.getLogger(__name__)
-
-
-def register_model(spec: ModelSpec) -> ModelSpec:
-    _REGISTRY[spec.name] = spec
-    return spec
-
-
-def package_files() -> list[Path]:
-    """Every file under `weights/` that a registered model loads."""
-    return [WEIGHTS_DIR / f for spec in _REGISTRY.values() for f in spec.files]
-
-
-def get_spec(name: str) -> ModelSpec:
-    if name not in _REGISTRY:
-        raise UnknownModel(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    return _REGISTRY[name]
-
-
-def list_models() -> list[str]:
-    return sorted(n for n in _REGISTRY if _available(n))
-
-
-def _available(name: str) -> bool:
-    weights = _REGISTRY[name].weights_file
-    return weights is None or (WEIGHTS_DIR / weights).exists()
-
-
-def default_model_name() -> str:
-    """The shipped CXR model when its weights are in the package, else the ImageNet baseline."""
-    return SHIPPED_MODEL if _available(SHIPPED_MODEL) else BASELINE_MODEL
 
 
 class EmbeddingModel(nn.Module):
@@ -179,9 +131,9 @@ def create_model(name: str | os.PathLike | None = None, device: str | torch.devi
     if text.endswith(".safetensors") or Path(text).is_file():
         model = load_checkpoint(text)
     else:
-        if text not in _REGISTRY or not _available(text):
+        if not is_registered(text) or not available(text):
             raise UnknownModel(f"unknown model {text!r}; available: {', '.join(list_models())} or a .safetensors path")
-        spec = _REGISTRY[text]
+        spec = get_spec(text)
         backbone = create_backbone(spec.arch)
         state = spec.load_state_dict()
         missing, unexpected = backbone.load_state_dict(state, strict=False)
@@ -278,32 +230,14 @@ def imagenet_lite0_classifier() -> nn.Module:
     return m.eval()
 
 
-def _shipped_state() -> dict[str, torch.Tensor]:
+def imagenet_lite0_backbone_state() -> dict[str, torch.Tensor]:
+    """The ImageNet Lite0 weights without the classifier: the registered baseline's backbone."""
+    return {k: v for k, v in _imagenet_lite0_state().items() if not k.startswith("classifier.")}
+
+
+def shipped_state() -> dict[str, torch.Tensor]:
+    """The shipped model's weights (fp16 in the package, as float32)."""
     from safetensors.torch import load_file
 
-    state = load_file(str(WEIGHTS_DIR / _REGISTRY[SHIPPED_MODEL].weights_file))
+    state = load_file(str(WEIGHTS_DIR / get_spec(SHIPPED_MODEL).weights_file))
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-
-
-register_model(
-    ModelSpec(
-        name=BASELINE_MODEL,
-        arch="tf_efficientnet_lite0",
-        dim=1280,
-        preprocess=PreprocessConfig(size=224, mean=0.5, std=0.5),
-        load_state_dict=lambda: {k: v for k, v in _imagenet_lite0_state().items() if not k.startswith("classifier.")},
-        description="EfficientNet-Lite0 with ImageNet weights: the baseline CXR pretraining must beat",
-        reference_file=f"{BASELINE_MODEL}.reference.npz",
-    )
-)
-register_model(
-    ModelSpec(
-        name=SHIPPED_MODEL,
-        arch="tf_efficientnet_lite0",
-        dim=1280,
-        preprocess=PreprocessConfig(size=224, mean=0.5, std=0.5),
-        load_state_dict=_shipped_state,
-        description="EfficientNet-Lite0 SupCon-pretrained on 15k CXRs (normal/abnormal); see MODEL_CARD.md",
-        weights_file=f"{SHIPPED_MODEL}.safetensors",
-    )
-)

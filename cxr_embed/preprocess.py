@@ -1,4 +1,5 @@
-"""The one canonical preprocessing: decoded grey image -> model input tensor. Versioned."""
+"""The one canonical preprocessing: decoded grey image -> model input array. Versioned. Numpy only
+(no torch), so a slim install runs exactly this too."""
 
 from __future__ import annotations
 
@@ -6,10 +7,9 @@ import json
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from .image import DecodedImage
+from .resize import resize
 
 # Bump when any step below changes what reaches the model: stores and probes record it.
 PREPROCESS_VERSION = "cxr-pre-v1"
@@ -45,24 +45,21 @@ def letterbox_box(height: int, width: int, size: int) -> tuple[int, int, int, in
     return (size - nh) // 2, (size - nw) // 2, nh, nw
 
 
-def letterbox(pixels: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
-    """Resize so the long side is `size` (antialiased bilinear), pad to size x size, centred."""
-    t = torch.as_tensor(pixels, dtype=torch.float32)
-    if t.ndim != 2:
-        raise ValueError(f"letterbox expects a 2-D grey image, got shape {tuple(t.shape)}")
-    h, w = t.shape
-    top, left, nh, nw = letterbox_box(h, w, size)
-    if (nh, nw) != (h, w):
-        t = F.interpolate(t[None, None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0, 0]
-    t = t.clamp_(0.0, 1.0)
-    out = torch.zeros((size, size), dtype=torch.float32)
-    out[top : top + nh, left : left + nw] = t
+def letterbox(pixels: np.ndarray, size: int) -> np.ndarray:
+    """Resize so the long side is `size` (antialiased bilinear, `resize.py`), pad to size x size,
+    centred; float32 in [0, 1]."""
+    a = np.asarray(pixels, dtype=np.float32)
+    if a.ndim != 2:
+        raise ValueError(f"letterbox expects a 2-D grey image, got shape {tuple(a.shape)}")
+    top, left, nh, nw = letterbox_box(*a.shape, size)
+    a = np.clip(resize(a, nh, nw), 0.0, 1.0)
+    out = np.zeros((size, size), dtype=np.float32)
+    out[top : top + nh, left : left + nw] = a
     return out
 
 
-def preprocess(image: DecodedImage | np.ndarray, config: PreprocessConfig = PreprocessConfig()) -> torch.Tensor:
+def preprocess(image: DecodedImage | np.ndarray, config: PreprocessConfig = PreprocessConfig()) -> np.ndarray:
     """Canonical model input (3, size, size) float32 from a decoded image or a grey [0,1] array."""
     pixels = image.pixels if isinstance(image, DecodedImage) else image
-    square = letterbox(pixels, config.size)
-    square = (square - config.mean) / config.std
-    return square.unsqueeze(0).expand(3, -1, -1).contiguous()
+    square = (letterbox(pixels, config.size) - np.float32(config.mean)) / np.float32(config.std)
+    return np.ascontiguousarray(np.broadcast_to(square, (3, config.size, config.size)))

@@ -27,20 +27,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
-from tqdm import tqdm
+from .optional import require
 
-from .augment import AugmentConfig, augment, center_view
-from .errors import CxrEmbedError, InputError, LabelError
-from .ingest import load_image, read_bytes
-from .labels import read_labels
-from .models import EmbeddingModel, create_model, save_checkpoint
-from .preprocess import letterbox
-from .threads import decode_pool
+require("torch", "pretraining (cxr-embed pretrain, pack)")
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from .augment import AugmentConfig, augment, center_view  # noqa: E402
+from .errors import CxrEmbedError, InputError, LabelError  # noqa: E402
+from .ingest import load_image, read_bytes  # noqa: E402
+from .labels import read_labels  # noqa: E402
+from .models import EmbeddingModel, create_model, save_checkpoint  # noqa: E402
+from .preprocess import letterbox  # noqa: E402
+from .threads import decode_pool  # noqa: E402
 
 
 @dataclass
@@ -141,7 +144,7 @@ def _read_label_rows(cfg: PretrainConfig) -> list[tuple[str, str]]:
 
 def _decode_one(data: bytes, size: int) -> np.ndarray:
     sq = letterbox(load_image(data).pixels, size)
-    return (sq.numpy() * 255.0 + 0.5).astype(np.uint8)
+    return (sq * 255.0 + 0.5).astype(np.uint8)
 
 
 def load_pool_from_csv(cfg: PretrainConfig, progress: bool = True) -> Pool:

@@ -6,19 +6,19 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .ingest import MAX_PIXELS, MIN_SIDE, ImageSource, load_image
-from .models import default_model_name, get_spec
 from .preprocess import PreprocessConfig, preprocess
+from .registry import default_model_name, get_spec
 
 
-def tensor_image(tensor: torch.Tensor, config: PreprocessConfig) -> Image.Image:
+def tensor_image(tensor: np.ndarray, config: PreprocessConfig) -> Image.Image:
     """A preprocessed input (3, S, S) or (S, S) un-normalised to an 8-bit grey image (mode "L")."""
-    grey = tensor[0] if tensor.ndim == 3 else tensor  # the three channels are copies of one
-    pixels = (grey.detach().float().cpu() * config.std + config.mean).clamp(0.0, 1.0)
-    return Image.fromarray(np.rint(pixels.numpy() * 255.0).astype(np.uint8), mode="L")
+    grey = np.asarray(tensor, dtype=np.float32)
+    grey = grey[0] if grey.ndim == 3 else grey  # the three channels are copies of one
+    pixels = np.clip(grey * np.float32(config.std) + np.float32(config.mean), 0.0, 1.0)
+    return Image.fromarray(np.rint(pixels * 255.0).astype(np.uint8), mode="L")
 
 
 def preview_image(source: ImageSource, config: PreprocessConfig | None = None,

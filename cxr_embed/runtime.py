@@ -11,32 +11,35 @@ Thread policy (why: `threads.py`, BENCHMARKS.md):
 - with `cpu_workers` > 1 on the CPU, a batch's model calls (main network and chest check) are
   shared by that many threads that each run torch on one thread (`_forward_shared`).
 
-Backends (`RuntimeSettings.backend`, chosen at construction; the same `forward` contract either way):
-"torch" runs the inference copy of the model; "openvino" runs its checked ONNX export
-(`export_onnx.py`, `openvino_backend.py`) on the CPU at an explicit precision, on OpenVINO's own team
-of `model_threads` threads (so `cpu_workers` stays 1), in calls of `OPENVINO_CHUNK` images. The
-chest-check network always runs on torch: it is a third of the work and runs only where tags do not
-settle the question. `describe()` says what ran; `cxr-embed embed` records it with every embedding.
+Backends (`RuntimeSettings.backend`, chosen at construction; the same `forward` contract either way,
+numpy arrays in and out): "torch" runs the inference copy of the model (`torch_backend.py`);
+"openvino" runs its checked ONNX export (`export_onnx.py`, `openvino_backend.py`) on the CPU at an
+explicit precision, on OpenVINO's own team of `model_threads` threads (so `cpu_workers` stays 1), in
+calls of `OPENVINO_CHUNK` images. The chest-check network runs on the same backend as the main one
+(on OpenVINO always at f32: its decisions are torch's). Decoding and preprocessing are numpy, so the
+"openvino" backend runs with no PyTorch installed (a slim install: README); asking such an install
+for "torch" raises MissingDependency. `describe()` says what ran; `cxr-embed embed` records it with
+every embedding.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
-import torch
 
-from .chest import CHECK_MODEL, ChestCheck, ReferenceSet, check_chest, check_embeddings, needs_image_check
+from .chest import CHECK_MODEL, ChestCheck, ReferenceSet, check_chest, check_input, needs_image_check
 from .errors import ConfigError, InputError, NonFiniteEmbedding
 from .identity import ModelIdentity
 from .image import ImageInfo
 from .ingest import MAX_PIXELS, MIN_SIDE, ImageSource, load_image
-from .models import EmbeddingModel, create_model, inference_model
+from .optional import require
 from .preprocess import preprocess
 from .threads import decode_pool, model_threads
 
@@ -62,7 +65,8 @@ class RuntimeSettings:
     # "is this a frontal CXR?": auto = by DICOM tags when they say so (CR/DX, chest, AP/PA), else by the
     # image too; always = by the image too, every time; never = by DICOM tags only (no check network)
     image_check: str = "never"
-    # what runs the model: "torch", or "openvino" (CPU only; the ONNX export of the same model, cached)
+    # what runs the model: "torch", or "openvino" (CPU only; the same model's ONNX export, shipped in the
+    # package or cached; the only backend of a slim install, which has no torch)
     backend: str = "torch"
     # arithmetic of the model: "f32", or "bf16" (openvino only, opt-in: faster, embeddings off by up to ~0.5)
     precision: str = "f32"
@@ -96,6 +100,8 @@ class RuntimeSettings:
             raise ConfigError(f"precision {self.precision!r}: expected f32 (exact) or bf16 (openvino only)")
         if self.backend == "torch" and self.precision != "f32":
             raise ConfigError(f"precision {self.precision!r} needs backend 'openvino'; the torch backend runs f32")
+        if self.backend == "torch" and str(self.model or "").endswith(".onnx"):
+            raise ConfigError(f"model {self.model}: an ONNX export runs on backend 'openvino' (--runtime openvino)")
         if self.backend == "openvino":
             if str(self.device) not in ("auto", "cpu"):
                 raise ConfigError(f"backend 'openvino' runs on the CPU, not device {self.device!r}; "
@@ -119,32 +125,34 @@ class EmbeddingResult:
 
 @dataclass
 class Prepared:
-    """A decoded, preprocessed input: the model's input tensor and what ingestion found."""
+    """A decoded, preprocessed input: the model's input (a float32 array (3, S, S)) and what
+    ingestion found."""
 
-    tensor: torch.Tensor | None
+    tensor: np.ndarray | None
     info: ImageInfo | None
     error: InputError | None = None
     wants_check: bool = False
 
 
-def in_chunks(fn: Callable[[torch.Tensor], np.ndarray], x: torch.Tensor, step: int) -> np.ndarray:
+def in_chunks(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, step: int) -> np.ndarray:
     """`fn` over `x` in slices of `step` images, concatenated."""
     step = max(1, int(step))
     return np.concatenate([fn(x[i : i + step]) for i in range(0, len(x), step)])
 
 
-def model_numpy(model: torch.nn.Module) -> Callable[[torch.Tensor], np.ndarray]:
-    """The model as a function to float32 numpy."""
-    return lambda x: model(x).float().cpu().numpy()
+def as_batch(x) -> np.ndarray:
+    """Model inputs (N, 3, S, S) as float32 numpy: `prepare`'s arrays stacked, or a torch tensor."""
+    if hasattr(x, "detach"):  # a torch tensor (only where torch is installed)
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.float32)
 
 
-def pick_device(device: str | None = None) -> torch.device:
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity), as torch counts them by default."""
     try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        raise ConfigError(f"device {device!r}: {exc}") from None
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 class Runtime:
@@ -153,37 +161,74 @@ class Runtime:
     Build it in the thread that will run the model (see the module docstring); `prepare` may be
     called from any thread, `forward` and `iter_embed` from the building thread."""
 
-    def __init__(self, settings: RuntimeSettings | None = None, model: EmbeddingModel | None = None):
+    def __init__(self, settings: RuntimeSettings | None = None, model=None):
+        """`model`: an EmbeddingModel to run instead of `settings.model` (its inference copy is made;
+        the object is left as it was)."""
         self.settings = settings = settings or RuntimeSettings()
-        self.device = pick_device("cpu" if settings.backend == "openvino" else settings.device)
-        self.threads = settings.model_threads or torch.get_num_threads()
-        model_threads(self.threads)
-        base = model if model is not None else create_model(settings.model, device="cpu")
-        # an inference copy (BatchNorm folded, channels_last on the CPU): the caller's model is left as it was
-        self.model = inference_model(base, self.device)
-        # the main network as a function tensor -> numpy: torch, or OpenVINO running the model's ONNX export
-        self.network = model_numpy(self.model) if settings.backend == "torch" else self._openvino(base)
+        # self.model: what the model is (name, dim, preprocess, identity); self.network: a function
+        # numpy inputs -> numpy embeddings; the same two for the chest check (None with "never")
+        if settings.backend == "torch":
+            self._build_torch(model)
+        else:
+            self._build_openvino(model)
         self.chunk = settings.cpu_chunk or (CPU_CHUNK if settings.backend == "torch" else OPENVINO_CHUNK[settings.precision])
-        self.check_model, self.reference = self._load_check()  # the chest check runs on torch
         self.workers = 1
-        if self.device.type == "cpu" and settings.backend == "torch":
+        if self.on_cpu and settings.backend == "torch":
             auto = self.threads if self.threads <= AUTO_CPU_WORKERS_MAX else 1
             self.workers = max(1, settings.cpu_workers or auto)
         self._helpers = decode_pool(self.workers - 1, prefix="cxr-model") if self.workers > 1 else None
         self._decode = None
         self._decode_lock = threading.Lock()
 
-    def _openvino(self, base: EmbeddingModel):
-        from .openvino_backend import OpenVINONetwork
+    def _build_torch(self, model) -> None:
+        torch = require("torch", "the torch backend (--runtime torch)")
+        from .models import create_model, inference_model
+        from .torch_backend import TorchNetwork, pick_device
 
-        return OpenVINONetwork(base, self.settings.precision, self.threads)
+        self.device = pick_device(self.settings.device)
+        self.on_cpu = self.device.type == "cpu"
+        self.threads = self.settings.model_threads or torch.get_num_threads()
+        model_threads(self.threads)
+        base = model if model is not None else create_model(self.settings.model, device="cpu")
+        # an inference copy (BatchNorm folded, channels_last on the CPU): the caller's model is left as it was
+        self.model = inference_model(base, self.device)
+        self.network = TorchNetwork(self.model, self.device)
+        self.check_network = self.reference = self.check_model = None
+        if self.settings.image_check != "never":
+            self.check_model = self.model if self.model.name == CHECK_MODEL else \
+                inference_model(create_model(CHECK_MODEL, device="cpu"), self.device)
+            self.reference = self._reference(self.check_model)
+            self.check_network = TorchNetwork(self.check_model, self.device)
+
+    def _build_openvino(self, model) -> None:
+        from .openvino_backend import open_network
+
+        self.device, self.on_cpu = "cpu", True
+        self.threads = self.settings.model_threads or available_cores()
+        self.network = open_network(model if model is not None else self.settings.model, self.settings.precision,
+                                    self.threads)
+        self.model = self.network.model  # an ExportedModel: no torch module is held
+        self.check_network = self.reference = self.check_model = None
+        if self.settings.image_check != "never":  # at f32 always: the check's decisions are torch's
+            self.check_network = open_network(CHECK_MODEL, "f32", self.threads, size=ReferenceSet.size_for(CHECK_MODEL))
+            self.check_model = self.check_network.model
+            self.reference = self._reference(self.check_model)
+
+    @staticmethod
+    def _reference(check_model) -> ReferenceSet:
+        reference = ReferenceSet.for_model(check_model)
+        if reference is None:  # a silently disabled check would call a photograph a CXR
+            raise ConfigError(f"the chest-check reference set of {CHECK_MODEL} is missing or does not match its weights "
+                              f"({ReferenceSet.path_for(CHECK_MODEL)}); reinstall cxr-embed, or run with image check 'never'")
+        return reference
 
     def describe(self) -> dict:
         """What runs the model and how: recorded with embeddings (store metadata, the service's /info)."""
         out = {"backend": self.settings.backend, "precision": self.settings.precision, "device": str(self.device),
-               "threads": self.threads, "cpu_chunk": self.chunk, "cpu_workers": self.workers,
-               "torch": torch.__version__.split("+")[0]}
-        if self.settings.backend == "openvino":
+               "threads": self.threads, "cpu_chunk": self.chunk, "cpu_workers": self.workers}
+        if self.settings.backend == "torch":
+            out["torch"] = sys.modules["torch"].__version__.split("+")[0]
+        else:
             from .openvino_backend import openvino_version
 
             out.update(openvino=openvino_version(), onnx=self.network.path.name, threads=self.network.threads)
@@ -193,17 +238,6 @@ class Runtime:
     def label(self) -> str:
         """The backend and precision in one word, e.g. "openvino/bf16"."""
         return f"{self.settings.backend}/{self.settings.precision}"
-
-    def _load_check(self) -> tuple[EmbeddingModel | None, ReferenceSet | None]:
-        if self.settings.image_check == "never":
-            return None, None
-        check = self.model if self.model.name == CHECK_MODEL else \
-            inference_model(create_model(CHECK_MODEL, device="cpu"), self.device)
-        reference = ReferenceSet.for_model(check)
-        if reference is None:  # a silently disabled check would call a photograph a CXR
-            raise ConfigError(f"the chest-check reference set of {CHECK_MODEL} is missing or does not match its weights "
-                              f"({ReferenceSet.path_for(CHECK_MODEL)}); reinstall cxr-embed, or run with image check 'never'")
-        return check, reference
 
     @property
     def identity(self) -> ModelIdentity:
@@ -246,28 +280,23 @@ class Runtime:
 
     # --- the forward pass --------------------------------------------------------------------------
 
-    @torch.inference_mode()
-    def forward(self, x: torch.Tensor, wants_check: list[bool] | None = None) -> tuple[np.ndarray, list]:
-        """Embeddings of preprocessed inputs (N, 3, S, S), and the chest-check embeddings of those
-        that want one (else None). Runs in the calling thread (and the helpers, see `_forward_shared`)."""
+    def forward(self, x, wants_check: list[bool] | None = None) -> tuple[np.ndarray, list]:
+        """Embeddings of preprocessed inputs (N, 3, S, S) (numpy, or a torch tensor), and the
+        chest-check embeddings of those that want one (else None). Runs in the calling thread (and
+        the helpers, see `_forward_shared`)."""
+        x = as_batch(x)
         wants_check = wants_check or [False] * len(x)
-        cpu = self.device.type == "cpu"
-        x = x.to(self.device, non_blocking=True)
-        if cpu and self.settings.backend == "torch":
-            x = x.contiguous(memory_format=torch.channels_last)
-        step = self.chunk if cpu else len(x)
+        step = self.chunk if self.on_cpu else len(x)
         work = [(self.network, x, step)]  # (network as a function, its input, images per call)
         idx = [i for i, w in enumerate(wants_check) if w] if self.reference is not None else []
         if idx:
-            sub = x if len(idx) == len(x) else x[idx]
-            if cpu:
-                sub = sub.contiguous(memory_format=torch.channels_last)  # no copy where it already is
-            work.append((partial(check_embeddings, self.check_model, size=self.reference.size), sub,
-                         self._check_chunk(step if self.settings.backend == "torch" else CPU_CHUNK, x.shape[-1])))
-        if cpu and self.workers > 1 and len(x) + len(idx) > 1:
+            work.append((self.check_network, check_input(x[idx], self.reference.size),
+                         self._check_chunk(step, x.shape[-1])))
+        if self.workers > 1 and len(x) + len(idx) > 1:
             outs = self._forward_shared(work)
         else:
-            model_threads(self.threads)
+            if self.settings.backend == "torch":
+                model_threads(self.threads)
             outs = [in_chunks(fn, inputs, per_call) for fn, inputs, per_call in work]
         check: list = [None] * len(wants_check)
         for i, e in zip(idx, outs[1] if idx else []):
@@ -298,17 +327,16 @@ class Runtime:
 
         def run_calls() -> None:
             model_threads(1)  # the helpers already are; the caller switches back for lone calls
-            with torch.inference_mode():
-                while not failed.is_set():
-                    with lock:
-                        n, call = next(todo, (None, None))
-                    if call is None:
-                        return
-                    try:
-                        results[n] = call[1](call[2])
-                    except BaseException:
-                        failed.set()
-                        raise
+            while not failed.is_set():
+                with lock:
+                    n, call = next(todo, (None, None))
+                if call is None:
+                    return
+                try:
+                    results[n] = call[1](call[2])
+                except BaseException:
+                    failed.set()
+                    raise
 
         helpers = [self._helpers.submit(run_calls) for _ in range(min(self.workers, len(calls)) - 1)]
         try:
@@ -329,7 +357,7 @@ class Runtime:
         the heavy parts), so the CPU forward pass is rarely kept waiting."""
         for chunk in self._prepared_batches(items, max(1, int(batch_size))):
             ok = [p for _, p in chunk if p.error is None]
-            embs, checks = self.forward(torch.stack([p.tensor for p in ok]), [p.wants_check for p in ok]) if ok \
+            embs, checks = self.forward(np.stack([p.tensor for p in ok]), [p.wants_check for p in ok]) if ok \
                 else (None, None)
             j = 0
             for key, p in chunk:

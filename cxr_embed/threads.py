@@ -4,20 +4,24 @@ PyTorch's CPU ops run on an OpenMP team owned by the thread that calls them. Whe
 thread owns a multi-threaded team, the OpenMP runtime manages more threads than there are cores,
 switches to short spin waits, and every op of the model then pays for waking sleeping threads: on
 2 cores the EfficientNet-Lite0 forward pass took 27 ms instead of 12 in the service (measured with
-py-spy and a micro-benchmark; BENCHMARKS.md). So: decoding threads (which use torch only to resize)
-run torch on one thread, and one thread per process, the one that runs the model, keeps the team.
+py-spy and a micro-benchmark; BENCHMARKS.md). So: threads beside the model's (decoding, which now
+runs no torch op at all, and the helpers of `Runtime._forward_shared`) run torch on one thread, and
+one thread per process, the one that runs the model, keeps the team. Torch is never imported here:
+without it (a slim install, or the OpenVINO backend) these do nothing.
 """
 
 from __future__ import annotations
 
+import sys
 from concurrent.futures import ThreadPoolExecutor
-
-import torch
 
 
 def single_threaded_torch() -> None:
-    """Thread initializer: torch ops called from this thread run on this thread alone."""
-    torch.set_num_threads(1)
+    """Thread initializer: torch ops called from this thread run on this thread alone (where
+    torch is loaded at all)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
 
 
 def decode_pool(workers: int, prefix: str = "cxr-decode") -> ThreadPoolExecutor:
@@ -26,6 +30,7 @@ def decode_pool(workers: int, prefix: str = "cxr-decode") -> ThreadPoolExecutor:
 
 
 def model_threads(threads: int) -> None:
-    """Call in the thread that runs the model: its ops use `threads` intra-op threads."""
-    if torch.get_num_threads() != threads:
+    """Call in the thread that runs a torch model: its ops use `threads` intra-op threads."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from cxr_embed.cli import add_backend_options
+
 
 def register(sub) -> None:
     """Add this package's subcommands to the `cxr-embed` parser."""
@@ -90,9 +92,9 @@ def _count(n: float) -> str:
 
 
 def _add_finetune(sub) -> None:
-    from .finetune import STRATEGIES, FinetuneConfig
+    from .finetune_config import STRATEGIES, FinetuneConfig  # torch-free: a slim install builds this parser too
 
-    d = FinetuneConfig()
+    d = FinetuneConfig  # the class: its defaults, without making a recipe (which imports torch)
     p = sub.add_parser("finetune", help="fine-tuning baselines on the curve's draws: a backbone with a linear head, "
                                         "trained on each draw, scored on the test split (resumable)")
     p.add_argument("--labels", required=True, help="CSV with image, label, split (train/test) [, patient_id]")
@@ -172,6 +174,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--example", action="store_true",
                    help="score the shipped example radiograph (an NIH CXR) instead of --images")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    add_backend_options(p)
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_predict)
@@ -195,7 +198,8 @@ def _cmd_predict(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out) if args.out else Path(tmp) / "scores.csv"
         summary = predict_images(images, out, probes=args.probe, image_root=args.image_root, device=args.device,
-                                 batch_size=args.batch_size, progress=not (args.no_progress or args.example), log=_warn)
+                                 batch_size=args.batch_size, progress=not (args.no_progress or args.example), log=_warn,
+                                 backend=args.backend, precision=args.precision)
         if args.example:
             print(f"{EXAMPLE_IMAGE_NOTE}:")
             with open(out, newline="", encoding="utf-8") as fh:

@@ -100,13 +100,14 @@ def _prepare(runtime: Runtime, image: ImageSource) -> tuple[torch.Tensor, ImageI
     if prepared.error is not None:
         name = image if isinstance(image, (str, os.PathLike)) else "the image"
         raise type(prepared.error)(f"{name}: {prepared.error}") from None
-    size = prepared.tensor.shape[-1]
+    x = torch.as_tensor(prepared.tensor)  # the runtime prepares numpy arrays (one path for every backend)
+    size = x.shape[-1]
     box = letterbox_box(*prepared.info.original_size, size)
     config = runtime.model.preprocess
-    padding = prepared.tensor[0][torch.from_numpy(~content_mask(box, size))]
+    padding = x[0][torch.from_numpy(~content_mask(box, size))]
     if len(padding) and not bool((padding == -config.mean / config.std).all()):  # the geometry must be the runtime's
         raise CxrEmbedError(f"letterbox of {image} is not where {config.identity} puts it; please report this")
-    return prepared.tensor, prepared.info, box
+    return x, prepared.info, box
 
 
 def explain_image(image: ImageSource, probe: str | os.PathLike | None = None, method: str = "auto",

@@ -46,34 +46,9 @@ from cxr_embed.runtime import pick_device
 from cxr_embed.threads import model_threads
 
 from .curve import plan_draws
+from .finetune_config import PROBE, STRATEGIES, FinetuneConfig  # noqa: F401 (public here too)
 from .image_cache import TensorCache, canonical, open_or_build
 from .rows import RowsFileError, ScoredFit, ScoredRows, fit_row
-
-STRATEGIES = ("full", "last-block")
-PROBE = "finetune"  # the probe column of every row this module writes
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """The one recipe (module docstring). steps x batch_size images per fit, at every size."""
-
-    steps: int = 100
-    batch_size: int = 16
-    lr: float = 1e-4  # backbone; the head uses head_lr_mult times this
-    head_lr_mult: float = 10.0
-    weight_decay: float = 1e-4
-    warmup_steps: int = 10
-    augment: AugmentConfig = field(default_factory=AugmentConfig)  # pretraining's
-
-    def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 2 or self.lr <= 0 or self.warmup_steps < 0:
-            raise ConfigError(f"fine-tuning recipe: steps >= 1, batch size >= 2 (BatchNorm), lr > 0 needed, not {self}")
-
-    def describe(self) -> str:
-        """The recipe in one line, written to every row's `chosen` column."""
-        return (f"steps={self.steps} batch={self.batch_size} lr={self.lr:g} head_lr={self.lr * self.head_lr_mult:g} "
-                f"wd={self.weight_decay:g} warmup={self.warmup_steps}")
-
 
 class Classifier(nn.Module):
     """A backbone and a linear head giving one logit per image; the head starts at zero."""

@@ -129,7 +129,7 @@ def _build(path: Path, images: list[str], root: Path, model: EmbeddingModel, wan
             if prepared.error is not None:
                 failed[images[n]] = f"{prepared.error.code}: {prepared.error}"
                 continue
-            planes[n] = (prepared.tensor[0] * cfg.std + cfg.mean).numpy().astype(np.float16)
+            planes[n] = (np.asarray(prepared.tensor[0]) * cfg.std + cfg.mean).astype(np.float16)
             ok[n] = True
     finally:
         bar.close()

@@ -73,8 +73,9 @@ def plot_curve(summary: list[dict], comparisons: list[dict], path: Path, title: 
                prevalence: float | None = None, fitted: dict | None = None) -> None:
     """Three panels: AUC and AUPRC (mean over draws, with their band; on AUC the fitted curves
     `fitted`: (model, probe) -> (sizes, AUCs), dashed), and the paired AUC difference."""
-    import matplotlib
+    from cxr_embed.optional import require
 
+    matplotlib = require("matplotlib", "the curve's plot")  # not in a slim install
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -112,10 +112,11 @@ def done_ids(out: Path, columns: list[str]) -> set[str]:
 
 def predict_images(images: str | os.PathLike, out: str | os.PathLike, probes: str | os.PathLike | None = None,
                    image_root: str | os.PathLike | None = None, device: str = "auto", batch_size: int = 16,
-                   progress: bool = True, log=None) -> PredictSummary:
+                   progress: bool = True, log=None, backend: str = "torch", precision: str = "f32") -> PredictSummary:
     """Score every image of `images` (a folder, a CSV with an `image` column, or one file) with the
     probes of `probes` (a probe file or folder; default: the shipped example probe) into the CSV
-    `out` (rules: module docstring). The model is the one the probes were trained on."""
+    `out` (rules: module docstring). The model is the one the probes were trained on, run by
+    `backend` at `precision` (`cxr_embed.runtime.RuntimeSettings`)."""
     loaded, identity = load_for_predict(probes)
     items = list_inputs(images, image_root)
     check_paths_exist(items, images, warn=log)
@@ -126,7 +127,8 @@ def predict_images(images: str | os.PathLike, out: str | os.PathLike, probes: st
     if log is not None and todo:
         log(f"loading {identity.model_name} and the chest check (a few seconds; the first batch is slower while "
             "the models warm up)")
-    embedder = Embedder(identity.model_name, batch_size=batch_size, device=device, image_check="auto")
+    embedder = Embedder(identity.model_name, batch_size=batch_size, device=device, image_check="auto",
+                        backend=backend, precision=precision)
     try:
         identity.check(embedder.identity, f"the installed {identity.model_name}")  # probes trained on other weights
         counts = _write_rows(todo, out, columns, loaded, embedder, progress)

@@ -206,8 +206,9 @@ class Probe(ClassifierMixin, BaseEstimator):
         }
 
     def _fit_gbm(self, X: np.ndarray, y: np.ndarray, w: np.ndarray, groups=None) -> np.ndarray:
-        import lightgbm as lgb
+        from cxr_embed.optional import require
 
+        lgb = require("lightgbm", "training a GBM probe")  # not in a slim install (GBM probes score without it)
         params = self._gbm_params(len(X))
         n_classes = len(self.classes_)
         oof = np.zeros((len(X), n_classes if n_classes > 2 else 1))

@@ -1,6 +1,6 @@
 """Regenerate every artefact the package ships, from the shipped weights and the team's shared data.
 
-    python scripts/make_artifacts.py [--data ../shared/data] [--only reference|probe|example]
+    python scripts/make_artifacts.py [--data ../shared/data] [--only reference|probe|example|onnx]
 
 - reference: the chest-check reference set `cxr_embed/weights/imagenet-effnet-lite0.reference.npz`
   (500 CXRs of pretrain.csv drawn with seed 0, ImageNet EfficientNet-Lite0 at 128 px). The pool of
@@ -11,8 +11,11 @@
   numbers in MODEL_CARD.md).
 - example: the example radiograph `probes/data/example-nih-00000061_015.jpg` (NIH, Pneumonia,
   test split) that `cxr-embed predict --example` scores.
+- onnx: the checked ONNX export of every registered model, `cxr_embed/weights/<model>.onnx`
+  (`cxr-embed export-onnx`): what the OpenVINO backend runs, and all a slim install (no PyTorch)
+  has of the shipped model and of the chest check's network. Needs no data.
 
-Every step runs our own commands (`cxr-embed embed`, `probe`, `evaluate`, `reference`), so what is
+Every step runs our own commands (`cxr-embed embed`, `probe`, `evaluate`, `reference`, `export-onnx`), so what is
 shipped is what a user gets from the same commands. `tests/test_artifacts.py` checks that each
 artefact records the identity of the model it sits on.
 """
@@ -31,7 +34,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's code, whatever copy of cxr-embe
 PROBE_OUT = ROOT / "probes" / "data" / "nih-pneumonia-linear.json"
 EXAMPLE = "00000061_015.jpg"
 EXAMPLE_OUT = ROOT / "probes" / "data" / f"example-nih-{EXAMPLE}"
-STEPS = ("reference", "probe", "example")
+STEPS = ("reference", "probe", "example", "onnx")
 
 
 def run(*argv: str) -> None:
@@ -75,6 +78,15 @@ def make_example(data: Path, work: Path) -> None:
     print(f"wrote {EXAMPLE_OUT}")
 
 
+def make_onnx(data: Path, work: Path) -> None:
+    from cxr_embed.registry import WEIGHTS_DIR, get_spec, list_models
+
+    for name in list_models():
+        spec = get_spec(name)
+        if spec.onnx_file:
+            run("export-onnx", "--model", name, "--out", str(WEIGHTS_DIR / spec.onnx_file))
+
+
 def main() -> None:
     default_data = Path(os.environ.get("CXR_SHARED_DATA", ROOT.parent / "shared" / "data"))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -84,7 +96,7 @@ def main() -> None:
     ap.add_argument("--only", action="append", choices=STEPS, help="make only this artefact (repeatable; default: all)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    steps = {"reference": make_reference, "probe": make_probe, "example": make_example}
+    steps = {"reference": make_reference, "probe": make_probe, "example": make_example, "onnx": make_onnx}
     for name in args.only or STEPS:
         steps[name](args.data, args.work)
 

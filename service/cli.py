@@ -46,6 +46,7 @@ def _add_listen(sub) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda ... (CXR_EMBED_DEVICE; default auto)")
     p.add_argument("--image-check", default=None, choices=["auto", "always", "never"],
                    help="is-it-a-frontal-CXR check by the image, as for serve (CXR_EMBED_IMAGE_CHECK; default auto)")
+    add_backend_options(p, default=None)  # as for serve
     p.set_defaults(func=_cmd_listen)
 
 
@@ -81,7 +82,7 @@ def serve(settings, host: str = "127.0.0.1", port: int = 8000, log_level: str = 
 def default_probes(settings) -> str | None:
     """The shipped example probe when no probes were asked for and the model is the shipped default
     (the example sits on it); else None."""
-    from cxr_embed.models import SHIPPED_MODEL, default_model_name
+    from cxr_embed.registry import SHIPPED_MODEL, default_model_name
 
     from probes.examples import example_probe_path
 
@@ -123,7 +124,7 @@ def _cmd_listen(args) -> int:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     service = ServiceSettings.from_env(model=args.model, probes=args.probes, device=args.device,
-                                       image_check=args.image_check)
+                                       image_check=args.image_check, backend=args.backend, precision=args.precision)
     settings = ListenerSettings(out=args.out, service=service, host=args.host, port=args.port, ae_title=args.ae_title,
                                 require_called_aet=args.require_called_aet, max_associations=args.max_associations)
     print(run_listener(settings).text(), flush=True)

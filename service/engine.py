@@ -17,7 +17,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from cxr_embed.chest import ChestCheck, is_reliable
 from cxr_embed.errors import CxrEmbedError, InputError, NonFiniteEmbedding
@@ -163,7 +162,7 @@ class Engine:
             with self._lock:
                 self._in_flight = len(jobs)
             try:
-                embs, check = self.runtime.forward(torch.stack([j.prepared.tensor for j in jobs]),
+                embs, check = self.runtime.forward(np.stack([j.prepared.tensor for j in jobs]),
                                                    [j.prepared.wants_check for j in jobs])
                 for n, job in enumerate(jobs):
                     if not job.future.done():

@@ -38,6 +38,19 @@ def samples() -> Path:
 
 
 @pytest.fixture(scope="session")
+def wheel(tmp_path_factory) -> Path:
+    """This checkout built as a wheel (no dependencies), once per session (test_wheel, test_slim)."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
+                    str(ROOT)], check=True, capture_output=True, text=True, timeout=300)
+    (whl,) = out.glob("cxr_embed-*.whl")
+    return whl
+
+
+@pytest.fixture(scope="session")
 def embedder():
     from cxr_embed import Embedder
 

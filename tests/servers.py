@@ -16,14 +16,18 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, tmp, args, env=None):
+    """`command serve --port P args` (default command: this interpreter's `-m cxr_embed`), in `cwd`,
+    with `env` added to this process's environment (or in place of it, with `clean_env`)."""
+
+    def __init__(self, tmp, args, env=None, command=None, cwd=None, clean_env=False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / f"server-{self.port}.log"
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cxr_embed", "serve", "--port", str(self.port), *args],
-            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            [*(command or [sys.executable, "-m", "cxr_embed"]), "serve", "--port", str(self.port), *args],
+            stdout=self.log, stderr=subprocess.STDOUT, env={**({} if clean_env else os.environ), **(env or {})},
+            cwd=cwd,
         )
         token = (env or {}).get("CXR_EMBED_TOKEN")
         headers = {"authorization": f"Bearer {token}"} if token else {}

@@ -9,6 +9,7 @@ import numpy as np
 
 from cxr_embed import create_model, load_image
 from cxr_embed.chest import CHECK_MODEL, ReferenceSet
+from cxr_embed.export_onnx import check_onnx
 from cxr_embed.models import default_model_name
 from probes import load_probe
 from probes.examples import example_image_path, example_probe_path, is_example_probe
@@ -34,6 +35,21 @@ def test_reference_set_matches_the_check_model():
         assert str(z["weights_hash"]) == model.weights_hash
         assert z["embeddings"].shape == (500, model.dim)
     assert ReferenceSet.for_model(model) is not None
+
+
+def test_shipped_onnx_exports_record_the_identity_of_their_torch_models():
+    """What a slim install runs (no torch to check it there) is checked here: each registered
+    model's shipped export holds its torch model's identity and preprocessing, in the current format."""
+    from cxr_embed.export_onnx import ONNX_FORMAT, check_metadata
+    from cxr_embed.registry import WEIGHTS_DIR, get_spec, list_models, shipped_onnx
+
+    for name in list_models():
+        path = shipped_onnx(name)
+        assert path == WEIGHTS_DIR / get_spec(name).onnx_file, f"{name}: run scripts/make_artifacts.py --only onnx"
+        model = create_model(name)
+        meta = check_onnx(path, model.identity)  # ModelMismatch if the weights changed since the export
+        assert meta["format"] == ONNX_FORMAT and meta["arch"] == model.arch
+        assert check_metadata(meta, path, name).preprocess == model.preprocess
 
 
 def test_example_image_is_a_real_radiograph_shipped_as_package_data():

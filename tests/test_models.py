@@ -61,7 +61,7 @@ def test_inference_copy_folds_batchnorm_and_keeps_embeddings(samples, tmp_path):
     bns = lambda m: sum(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())  # noqa: E731
     assert bns(model) == 49 and bns(copy) == 0 and copy.folded_batchnorms == 49
     assert copy.identity == model.identity  # the weights hash is the original's
-    x = torch.stack([preprocess(load_image(p)) for p in sorted(samples.glob("*.jpg"))[:3]])
+    x = torch.from_numpy(np.stack([preprocess(load_image(p)) for p in sorted(samples.glob("*.jpg"))[:3]]))
     with torch.inference_mode():
         ref, out = model(x), copy(x.contiguous(memory_format=torch.channels_last))
     np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=0, atol=1e-4 * float(ref.abs().max()))

@@ -36,11 +36,9 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def real_inputs(samples, dcm_dir):
     """The NIH JPEGs and a real chest DICOM, preprocessed by the torch runtime, and its embeddings."""
-    import torch
-
     rt = Runtime(RuntimeSettings())
     files = sorted(samples.glob("*.jpg")) + [dcm_dir / "RG1_UNCR.dcm"]
-    x = torch.stack([rt.prepare(p.read_bytes()).tensor for p in files])
+    x = np.stack([rt.prepare(p.read_bytes()).tensor for p in files])
     embs = rt.forward(x)[0]
     rt.close()
     return files, x, embs, rt.identity
@@ -50,21 +48,61 @@ def _cosines(a, b):
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
-def test_f32_gives_the_torch_embeddings(cache, real_inputs):
-    """Exported on first use into the cache; odd chunks (dynamic batch, a short last call) included."""
+def test_f32_runs_the_shipped_export_and_gives_the_torch_embeddings(cache, real_inputs):
+    """The shipped model runs the ONNX export in the package (nothing exported, no torch model
+    built); odd chunks (dynamic batch, a short last call) included."""
+    from cxr_embed.registry import shipped_onnx
+
     files, x, ref, identity = real_inputs
     rt = Runtime(RuntimeSettings(backend="openvino", precision="f32", cpu_chunk=3))
     try:
-        assert list((cache / "onnx").glob("*.onnx")) == [rt.network.path]
+        assert rt.network.path == shipped_onnx("cxr-supcon-effnet-lite0") and not (cache / "onnx").exists()
         embs, checks = rt.forward(x)
         assert embs.shape == ref.shape and embs.dtype == np.float32 and checks == [None] * len(files)
         np.testing.assert_allclose(embs, ref, atol=1e-4)
-        assert rt.identity == identity
+        assert rt.identity == identity and rt.model.identity == identity
         info = rt.describe()
         assert (info["backend"], info["precision"], info["device"], info["cpu_chunk"]) == ("openvino", "f32", "cpu", 3)
-        assert rt.label == "openvino/f32" and info["onnx"] == rt.network.path.name
+        assert rt.label == "openvino/f32" and info["onnx"] == rt.network.path.name and "torch" not in info
     finally:
         rt.close()
+
+
+def test_a_model_without_a_shipped_export_is_exported_once_into_the_cache(cache, real_inputs):
+    """A model object (as a checkpoint would be) has no export in the package: exported on first use."""
+    _, x, ref, identity = real_inputs
+    rt = Runtime(RuntimeSettings(backend="openvino"), model=create_model())
+    try:
+        assert list((cache / "onnx").glob("*.onnx")) == [rt.network.path]
+        assert rt.identity == identity
+        np.testing.assert_allclose(rt.forward(x)[0], ref, atol=1e-4)
+    finally:
+        rt.close()
+
+
+def test_the_chest_check_on_openvino_makes_torch_decisions(dcm_dir, samples):
+    """The check network runs on OpenVINO too (the shipped export, at 128 px, f32): the same
+    similarities within 1e-4 and the same verdicts as torch on CXRs, a tibia and a photograph."""
+    import io
+
+    from PIL import Image
+    from skimage import data
+
+    photo = io.BytesIO()
+    Image.fromarray(data.chelsea()).resize((512, 384)).save(photo, format="JPEG")
+    items = [(p.name, p) for p in sorted(samples.glob("*.jpg"))] + [
+        ("tibia", dcm_dir / "RG3_UNCR.dcm"), ("chest", dcm_dir / "RG1_UNCR.dcm"), ("photo", photo.getvalue())]
+    checks = {}
+    for backend in ("torch", "openvino"):
+        rt = Runtime(RuntimeSettings(backend=backend, image_check="always"))
+        try:
+            checks[backend] = [r.chest for r in rt.iter_embed(items)]
+        finally:
+            rt.close()
+    assert [c.is_frontal_cxr for c in checks["openvino"]] == [c.is_frontal_cxr for c in checks["torch"]]
+    assert [c.is_frontal_cxr for c in checks["torch"]][-3:] == [False, True, False]  # the test has teeth
+    sims = [(a.nearest_reference_similarity, b.nearest_reference_similarity) for a, b in zip(*checks.values())]
+    np.testing.assert_allclose([a for a, _ in sims], [b for _, b in sims], atol=1e-4)
 
 
 def test_bf16_is_opt_in_recorded_and_close(cache, real_inputs):
@@ -75,11 +113,12 @@ def test_bf16_is_opt_in_recorded_and_close(cache, real_inputs):
             Runtime(RuntimeSettings(backend="openvino", precision="bf16"))
         return
     _, x, ref, identity = real_inputs
-    rt = Runtime(RuntimeSettings(backend="openvino", precision="bf16"))
+    rt = Runtime(RuntimeSettings(backend="openvino", precision="bf16", image_check="always"))
     try:
         embs = rt.forward(x)[0]
         assert rt.describe()["precision"] == "bf16" and rt.identity == identity
         assert "16" in str(rt.network.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        assert "32" in str(rt.check_network.compiled.get_property("INFERENCE_PRECISION_HINT"))  # the check stays f32
         diff = float(np.abs(embs - ref).max())
         assert 1e-3 < diff < 1.0  # really bf16 (f32 is within 1e-6), and still the same embedding
         assert _cosines(embs, ref).min() > 0.99
@@ -99,20 +138,28 @@ def test_export_records_identity_and_the_loader_refuses_others(cache, tmp_path):
     assert meta["model_name"] == model.name and meta["dim"] == "1280" and meta["preprocess_version"] == model.preprocess.identity
     other = create_model("imagenet-effnet-lite0")
     with pytest.raises(ModelMismatch, match="weights_hash"):
-        OpenVINONetwork(other, onnx_path=path)
+        OpenVINONetwork(path, expected=other.identity)
+    with pytest.raises(ModelMismatch, match="not 'imagenet-effnet-lite0'"):
+        OpenVINONetwork(path, expected="imagenet-effnet-lite0")
     proto = onnx.load(str(path))
     next(p for p in proto.metadata_props if p.key == "format").value = "cxr-embed-onnx/99"
     future = tmp_path / "future.onnx"
     onnx.save(proto, str(future))
     with pytest.raises(CheckpointError, match="cxr-embed-onnx/99"):
         check_onnx(future, model.identity)
+    with pytest.raises(CheckpointError, match="cxr-embed-onnx/99"):  # OpenVINO's reader checks the same
+        OpenVINONetwork(future)
+    damaged = tmp_path / "damaged.onnx"
+    damaged.write_bytes(b"not an onnx file" * 64)
+    with pytest.raises(CheckpointError, match="cannot read ONNX file"):
+        OpenVINONetwork(damaged)
 
 
 def test_the_cache_is_reused_and_a_damaged_file_rebuilt(cache, monkeypatch):
     import cxr_embed.export_onnx as ex
 
     model = create_model()
-    path = cached_onnx(model)  # present since the first test (or exported now)
+    path = cached_onnx(model)  # present since an earlier test (or exported now)
     calls = []
     monkeypatch.setattr(ex, "export_onnx", lambda m, p: calls.append(p) or export_onnx(m, p))
     assert cached_onnx(model) == path and calls == []
@@ -124,6 +171,23 @@ def test_the_cache_is_reused_and_a_damaged_file_rebuilt(cache, monkeypatch):
         check_onnx(path, model.identity)
     finally:
         shutil.copyfile(saved, path)
+
+
+def test_an_onnx_file_is_a_model_for_openvino_and_refused_by_torch(cache, tmp_path, real_inputs):
+    """`cxr-embed export-onnx` writes what a slim install serves with --model FILE.onnx."""
+    from cxr_embed.cli import main
+
+    out = tmp_path / "mine.onnx"
+    assert main(["export-onnx", "--model", "cxr-supcon-effnet-lite0", "--out", str(out)]) == 0
+    _, x, ref, identity = real_inputs
+    rt = Runtime(RuntimeSettings(backend="openvino", model=str(out)))
+    try:
+        assert rt.identity == identity and rt.network.path == out
+        np.testing.assert_allclose(rt.forward(x[:2])[0], ref[:2], atol=1e-4)
+    finally:
+        rt.close()
+    with pytest.raises(ConfigError, match="runs on backend 'openvino'"):
+        RuntimeSettings(model=str(out))
 
 
 @pytest.mark.parametrize("values, message", [

@@ -1,0 +1,40 @@
+"""The fine-tuning recipe and strategies (probes/finetune.py trains with them). Torch-free, so the
+`cxr-embed` parser, which shows the recipe's defaults, builds on a slim install too."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cxr_embed.errors import ConfigError
+
+
+def _pretraining_augment():
+    from cxr_embed.augment import AugmentConfig  # imports torch: only when a recipe is made
+
+    return AugmentConfig()
+
+
+STRATEGIES = ("full", "last-block")
+PROBE = "finetune"  # the probe column of every row this module writes
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """The one recipe (probes/finetune.py's docstring). steps x batch_size images per fit, at every size."""
+
+    steps: int = 100
+    batch_size: int = 16
+    lr: float = 1e-4  # backbone; the head uses head_lr_mult times this
+    head_lr_mult: float = 10.0
+    weight_decay: float = 1e-4
+    warmup_steps: int = 10
+    augment: "AugmentConfig" = field(default_factory=_pretraining_augment)  # noqa: F821 (pretraining's)
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 2 or self.lr <= 0 or self.warmup_steps < 0:
+            raise ConfigError(f"fine-tuning recipe: steps >= 1, batch size >= 2 (BatchNorm), lr > 0 needed, not {self}")
+
+    def describe(self) -> str:
+        """The recipe in one line, written to every row's `chosen` column."""
+        return (f"steps={self.steps} batch={self.batch_size} lr={self.lr:g} head_lr={self.lr * self.head_lr_mult:g} "
+                f"wd={self.weight_decay:g} warmup={self.warmup_steps}")
