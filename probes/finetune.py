@@ -28,7 +28,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from cxr_embed.augment import AugmentConfig, augment
+from cxr_embed.augment import augment
 from cxr_embed.errors import ConfigError, LabelError
 from cxr_embed.labels import read_labels
 from cxr_embed.models import EmbeddingModel, create_model

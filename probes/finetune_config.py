@@ -4,8 +4,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from cxr_embed.errors import ConfigError
+
+if TYPE_CHECKING:
+    from cxr_embed.augment import AugmentConfig
 
 
 def _pretraining_augment():
@@ -28,7 +32,7 @@ class FinetuneConfig:
     head_lr_mult: float = 10.0
     weight_decay: float = 1e-4
     warmup_steps: int = 10
-    augment: "AugmentConfig" = field(default_factory=_pretraining_augment)  # noqa: F821 (pretraining's)
+    augment: AugmentConfig = field(default_factory=_pretraining_augment)  # pretraining's
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 2 or self.lr <= 0 or self.warmup_steps < 0:
