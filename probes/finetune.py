@@ -42,7 +42,7 @@ from cxr_embed.errors import ConfigError, LabelError
 from cxr_embed.labels import read_labels
 from cxr_embed.models import EmbeddingModel, create_model
 from cxr_embed.pretrain import freeze_stages, lr_at
-from cxr_embed.runtime import pick_device
+from cxr_embed.torch_backend import pick_device
 from cxr_embed.threads import model_threads
 
 from .curve import plan_draws
