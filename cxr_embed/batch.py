@@ -152,15 +152,13 @@ def embed_to_store(
             now = time.perf_counter()
             due = first_commit_s if last_commit == start else commit_every_s
             if writer.pending >= commit_every_n or now - last_commit >= due:
-                writer.commit()
+                writer.commit()  # appends the batch to the store's journal: its cost does not grow with the store
                 last_commit = time.perf_counter()
-                # Commits copy the file; keep their share of the run small on big stores.
-                commit_every_s = max(commit_every_s, 20 * (last_commit - now))
             # saved = durable in the store (survives a kill now); unsaved = embedded, waiting for the next commit
             bar.set_postfix(saved=writer.saved, unsaved=writer.pending, failed=len(failed), refresh=False)
             bar.update(1)
     finally:
-        writer.commit()
+        writer.close()  # the last commit, and the journal folded in: the store is one file
         bar.set_postfix(saved=writer.saved, unsaved=writer.pending, failed=len(failed), refresh=False)
         bar.close()
     store = Store(out)
