@@ -41,6 +41,9 @@ def _add_listen(sub) -> None:
     p.add_argument("--ae-title", default="CXREMBED", help="this SCP's AE title (default %(default)s)")
     p.add_argument("--require-called-aet", action="store_true", help="refuse associations addressed to another AE title")
     p.add_argument("--max-associations", type=int, default=8, help="associations at a time (default %(default)s)")
+    p.add_argument("--max-pdu", type=int, default=4 * 2**20,
+                   help="largest PDU accepted, in bytes (4096 to 64 MiB; default %(default)s: a radiograph arrives in "
+                        "a few PDUs; senders may send smaller ones)")
     p.add_argument("--model", default=None, help="model name or checkpoint (CXR_EMBED_MODEL; default: shipped model)")
     p.add_argument("--probes", default=None, help="folder of saved probes (*.json) or one probe file (CXR_EMBED_PROBES)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (CXR_EMBED_DEVICE; default auto)")
@@ -125,6 +128,7 @@ def _cmd_listen(args) -> int:
     service = ServiceSettings.from_env(model=args.model, probes=args.probes, device=args.device,
                                        image_check=args.image_check)
     settings = ListenerSettings(out=args.out, service=service, host=args.host, port=args.port, ae_title=args.ae_title,
-                                require_called_aet=args.require_called_aet, max_associations=args.max_associations)
+                                require_called_aet=args.require_called_aet, max_associations=args.max_associations,
+                                max_pdu=args.max_pdu)
     print(run_listener(settings).text(), flush=True)
     return 0
