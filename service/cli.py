@@ -116,8 +116,7 @@ def _cmd_serve(args) -> int:
 def _cmd_listen(args) -> int:
     import logging
 
-    from .listener import ListenerSettings, run_listener
-    from .settings import ServiceSettings
+    from .listener import ListenerSettings, listener_service_settings, run_listener
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("cxr_embed").setLevel(logging.INFO)  # counts and statuses
@@ -125,8 +124,8 @@ def _cmd_listen(args) -> int:
     # undecodable instance, which the listener already answers and records with a typed reason
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
-    service = ServiceSettings.from_env(model=args.model, probes=args.probes, device=args.device,
-                                       image_check=args.image_check)
+    service = listener_service_settings(model=args.model, probes=args.probes, device=args.device,
+                                        image_check=args.image_check)
     settings = ListenerSettings(out=args.out, service=service, host=args.host, port=args.port, ae_title=args.ae_title,
                                 require_called_aet=args.require_called_aet, max_associations=args.max_associations,
                                 max_pdu=args.max_pdu)

@@ -34,6 +34,7 @@ from pynetdicom import AE, evt
 
 from cxr_embed.chest import is_reliable
 from cxr_embed.errors import ConfigError, CxrEmbedError
+from cxr_embed.runtime import AUTO_CPU_WORKERS_MAX
 from cxr_embed.store import StoreWriter
 from probes.scoring import score_embedding
 
@@ -54,8 +55,20 @@ HEADER_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "Modality
 MIN_PDU, MAX_PDU = 4096, 64 * 2**20  # never 0 (unlimited): a peer's PDU is bounded by what we advertise
 
 
+# The model on single-threaded workers that share a batch, never one team of OpenMP threads: the
+# listener's decoding and DICOM networking threads always compete for the cores, and a team stalls at
+# every op when one of its threads is descheduled (threads.py; measured: BENCHMARKS.md).
+# CXR_EMBED_MODEL_THREADS and CXR_EMBED_CPU_WORKERS still override it.
+LISTENER_RUNTIME_DEFAULTS = {"model_threads": 1, "cpu_workers": min(os.cpu_count() or 1, AUTO_CPU_WORKERS_MAX)}
+
+
+def listener_service_settings(**overrides) -> ServiceSettings:
+    """The service's settings (CXR_EMBED_* variables included) with the listener's runtime defaults."""
+    return ServiceSettings.from_env(defaults=LISTENER_RUNTIME_DEFAULTS, **overrides)
+
+
 def _service_settings() -> ServiceSettings:
-    return ServiceSettings.from_env()
+    return listener_service_settings()
 
 
 @dataclass

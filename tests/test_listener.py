@@ -15,6 +15,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from cxr_embed import Store
+from cxr_embed.errors import ConfigError
 from cxr_embed.models import create_model
 from probes import save_probe, train_probe
 from servers import free_port
@@ -280,3 +281,23 @@ def test_sigint_during_traffic_exits_0_with_every_acknowledged_instance_stored(d
     store = Store(tmp_path / "s.h5")
     assert set(acknowledged) <= set(store.ids) and len(set(store.ids)) == len(store.ids)
     assert store.journal is None and not (tmp_path / "s.h5.journal").exists()
+
+
+def test_listener_runs_the_model_on_single_threaded_workers_unless_told(monkeypatch):
+    """No OpenMP team for the model in the listener (it stalls while decoding and networking threads
+    hold the cores); the CXR_EMBED_* variables still decide when set."""
+    import os
+
+    from service.listener import ListenerSettings, listener_service_settings
+
+    monkeypatch.delenv("CXR_EMBED_MODEL_THREADS", raising=False)
+    monkeypatch.delenv("CXR_EMBED_CPU_WORKERS", raising=False)
+    runtime = listener_service_settings(model=MODEL).runtime
+    assert runtime.model_threads == 1 and runtime.cpu_workers == min(os.cpu_count(), 4) and runtime.image_check == "auto"
+    assert ListenerSettings(out="s.h5").service.runtime.model_threads == 1
+    monkeypatch.setenv("CXR_EMBED_MODEL_THREADS", "2")
+    monkeypatch.setenv("CXR_EMBED_CPU_WORKERS", "1")
+    runtime = listener_service_settings().runtime
+    assert (runtime.model_threads, runtime.cpu_workers) == (2, 1)
+    with pytest.raises(ConfigError, match="max_pdu must be 4096"):
+        ListenerSettings(out="s.h5", max_pdu=0)  # 0 would be "unlimited" to pynetdicom

@@ -1,8 +1,6 @@
 """The store's commit journal on real files: commits append instead of copying the store, folds,
 torn and damaged frames, journals left behind by a crash, and writers killed with SIGKILL mid-commit."""
 
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from cxr_embed.errors import StaleIndex, StoreCorrupt, StoreWriteFailed
+from cxr_embed.errors import StaleIndex, StoreCorrupt
 from cxr_embed.index import EmbeddingIndex
 from cxr_embed.journal import journal_path
 from cxr_embed.store import FORMAT, Store, StoreWriter, content_checksum, remove_images
