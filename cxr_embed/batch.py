@@ -150,10 +150,9 @@ def embed_into(
             now = time.perf_counter()
             due = first_commit_s if last_commit == start else commit_every_s
             if writer.pending >= commit_every_n or now - last_commit >= due:
-                writer.commit()
+                writer.commit()  # appends the batch to the store's journal: its cost does not grow with the store
                 last_commit = time.perf_counter()
-                # Commits copy the file; keep their share of the run small on big stores.
-                commit_every_s = max(commit_every_s, 20 * (last_commit - now))
+                commit_every_s = max(commit_every_s, 20 * (last_commit - now))  # a fold (rare) may take longer
             if on_result is not None:
                 on_result(progress)
     finally:
@@ -196,6 +195,7 @@ def embed_to_store(
     try:
         done = embed_into(writer, todo, embedder, commit_every_s, commit_every_n, on_result=show)
     finally:
+        writer.close()  # the last commit, and the journal folded in: the store is one file
         show(last, 0)  # after the last commit
         bar.close()
     return EmbedSummary(out, done.embedded, len(items) - len(todo), done.failed, len(Store(out)),

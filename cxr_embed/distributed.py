@@ -33,6 +33,7 @@ from typing import Iterable, Iterator
 from .batch import EmbedProgress, EmbedSummary, InputItem, embed_into
 from .errors import ConfigError, CxrEmbedError, DistributedJobError, MissingDependency, StoreError
 from .identity import ModelIdentity
+from .journal import journal_path
 from .runtime import RuntimeSettings
 from .store import Store, StoreWriter, check_identity, merge_stores
 
@@ -188,6 +189,8 @@ class ShardActor:
 
             return embed_into(self.writer, _split_items(split), embedder, self.commit_every_s, on_result=seen)
         finally:
+            if self.writer is not None:
+                self.writer.close()  # the shard's journal folded in: one file to merge and remove
             embedder.close()
 
 
@@ -284,7 +287,8 @@ def merge_shards(out: Path) -> Store | None:
     if not shards:
         return Store(out) if out.exists() else None
     store = merge_stores(shards, out)
-    for path in shards + sorted(folder.glob(SHARD_GLOB + ".tmp")):  # once durable in `out` (a kill before: merged again)
+    leftovers = sorted(folder.glob(SHARD_GLOB + ".tmp")) + [journal_path(p) for p in shards if journal_path(p).exists()]
+    for path in shards + leftovers:  # once durable in `out` (a kill before: merged again); a killed actor's journal too
         path.unlink()
     try:
         folder.rmdir()

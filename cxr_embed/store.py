@@ -1,6 +1,6 @@
 """The HDF5 embedding store.
 
-Layout (h5py, format cxr-embed-store/2):
+Layout (h5py, format cxr-embed-store/3):
   /ids            text column: the image id (path relative to the image root, or CSV value)
   /embeddings     (N, dim) float32, chunked, resizable
   /metadata       text column: utf-8 JSON, the CSV's other columns and what ingestion found
@@ -8,18 +8,27 @@ Layout (h5py, format cxr-embed-store/2):
   a text column is a group of two datasets: utf8 (all strings' bytes, uint8) and ends (N,) int64
   attributes: format, model_name, weights_hash, preprocess_version, dim, created_at, updated_at,
               checksum ("sha256:..." over every other attribute and the four text columns)
+  beside it, while a writer has commits not yet folded in: STORE.h5.journal (`journal.py`)
 
 Integrity: every dataset carries HDF5's fletcher32 filter (checked on every read), the file's own
 structure HDF5's metadata checksums (libver v110), and the text and attributes a SHA-256 checked
-whenever a Store opens. Text is not stored as variable-length strings: HDF5 cannot filter those,
-and a damaged global heap makes HDF5 loop or allocate without bound instead of failing.
-Any mismatch raises StoreCorrupt; damaged bytes are never returned as data. Stores of format /1
-(vlen strings, no checksums) still open, with an UncheckedStoreWarning; `upgrade_store` rewrites them.
+whenever a Store opens; every journal frame its own SHA-256. Text is not stored as variable-length
+strings: HDF5 cannot filter those, and a damaged global heap makes HDF5 loop or allocate without bound
+instead of failing. Any mismatch raises StoreCorrupt; damaged bytes are never returned as data. Stores
+of format /1 (vlen strings, no checksums) still open, with an UncheckedStoreWarning; `upgrade_store`
+rewrites them. Format /2 is /3 without a journal; a writer rewrites /1 and /2 stores as /3 with its
+first commit, so that a cxr-embed that does not know journals refuses the store (StoreTooNew) rather
+than miss the rows in its journal.
 
-Crash safety: the file on disk is only ever replaced whole. A commit copies the current file to
-`STORE.h5.tmp`, appends there, fsyncs and renames it over the store (atomic on POSIX). A SIGKILL at
-any moment therefore leaves either the previous or the new complete store, and a batch is reported
-done only after the commit that holds it. A commit that fails removes its temporary file.
+Crash safety: the HDF5 file is only ever replaced whole (a copy `STORE.h5.tmp`, appended to, fsynced
+and renamed over the store: atomic on POSIX), and the journal only appended to (fsynced per commit).
+A commit appends its batch to the journal (its cost: the batch, not the store); the journal is folded
+into the HDF5 file by such a replacement once it reaches a quarter of the file (32 MiB to 512 MiB) and
+when the writer closes. A SIGKILL at any moment leaves every acknowledged commit readable: a torn last
+journal frame was never acknowledged; a journal left beside a file that a fold has since replaced names
+the old file's checksum and is ignored. In-place HDF5 appends cannot give this: a process killed with
+the file open leaves it unopenable ("file is already open for write") or inconsistent. A batch is
+reported done only after the commit that holds it; a failed commit leaves the store as it was.
 """
 
 from __future__ import annotations
@@ -40,6 +49,8 @@ import h5py
 import numpy as np
 
 from .identity import ModelIdentity
+from .journal import (Batch, Journal, append_frame, encode_batch, fsync_dir, journal_path, read_journal, remove_journal,
+                      start_journal)
 from .errors import (
     InvalidEmbedding,
     ModelMismatch,
@@ -50,9 +61,11 @@ from .errors import (
     UnknownImageIds,
 )
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 FORMAT = f"cxr-embed-store/{FORMAT_VERSION}"
 LEGACY_FORMAT = "cxr-embed-store/1"  # written before checksums (up to f17ef0b)
+FORMATS = {LEGACY_FORMAT: 1, "cxr-embed-store/2": 2, FORMAT: FORMAT_VERSION}  # /2: before journals
+FOLD_MIN_BYTES, FOLD_MAX_BYTES = 32 * 2**20, 512 * 2**20  # the journal is folded in at a quarter of the file, within these
 IDENTITY_KEYS = ModelIdentity.keys_()  # the attributes a store records its model by
 COLUMNS = ("ids", "metadata", "failed/ids", "failed/errors")
 _LIBVER = ("v110", "v110")  # object headers and chunk indexes with checksums; readable by HDF5 >= 1.10
@@ -67,17 +80,6 @@ class UncheckedStoreWarning(UserWarning):
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _decode(values) -> list[str]:
@@ -118,6 +120,15 @@ def _read_text(f: h5py.File, name: str) -> list[str]:
     return [blob[a:b].decode("utf-8") for a, b in zip(starts.tolist(), ends.tolist())]
 
 
+def _id_at(f: h5py.File, n: int) -> str:
+    """The image id of row n, read alone."""
+    if isinstance(f["ids"], h5py.Dataset):  # format /1
+        return _decode([f["ids"][n]])[0]
+    ends = f["ids"]["ends"]
+    start = int(ends[n - 1]) if n else 0
+    return f["ids"]["utf8"][start : int(ends[n])].tobytes().decode("utf-8")
+
+
 def _append_text(f: h5py.File, name: str, values: Sequence[str]) -> None:
     utf8, ends = f[name]["utf8"], f[name]["ends"]
     if not values:
@@ -155,8 +166,8 @@ def _datasets(f: h5py.File) -> list[h5py.Dataset]:
 
 def _format_version(f: h5py.File, path: Path) -> int:
     fmt = _attr(f.attrs.get("format"))
-    if fmt in (FORMAT, LEGACY_FORMAT):
-        return int(fmt.rsplit("/", 1)[1])
+    if fmt in FORMATS:
+        return FORMATS[fmt]
     m = re.fullmatch(r"cxr-embed-store/(\d+)", str(fmt))
     if m and int(m.group(1)) > FORMAT_VERSION:
         raise StoreTooNew(f"store {path} has format {fmt}: it was written by a newer cxr-embed; upgrade cxr-embed to read it")
@@ -166,7 +177,8 @@ def _format_version(f: h5py.File, path: Path) -> int:
 
 
 class Store:
-    """Read access to a store: ids, embeddings, metadata, failures and the model identity."""
+    """Read access to a store: ids, embeddings, metadata, failures and the model identity; the HDF5 file
+    and the commits of its journal not yet folded in, as one."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -185,10 +197,30 @@ class Store:
         self.ids = columns["ids"]
         self._meta_raw = columns["metadata"]
         self.failed = dict(zip(columns["failed/ids"], columns["failed/errors"]))
+        self._in_file = len(self.ids)  # rows in the HDF5 file; those after them come from the journal
+        self._extra = np.zeros((0, self.dim), np.float32)
+        self.journal: Journal | None = None
+        if self.version >= 3:
+            self._add_journal(read_journal(journal_path(self.path), self.attrs["checksum"], self.dim))
         self._row = {i: n for n, i in enumerate(self.ids)}
 
+    def _add_journal(self, journal: Journal | None) -> None:
+        """The journal's commits after the file's rows; the checksum then names both."""
+        self.journal = journal
+        if journal is None or not journal.batches:
+            return
+        self.ids, self._meta_raw = list(self.ids), list(self._meta_raw)
+        for batch in journal.batches:
+            self.ids.extend(batch.ids)
+            self._meta_raw.extend(batch.metadata)
+        self.failed = merge_failures(self.failed, journal.batches)
+        self._extra = np.concatenate([b.embeddings for b in journal.batches])
+        if len(set(self.ids)) != len(self.ids):
+            raise _corrupt(journal_path(self.path), "an image id is stored twice")
+        self.checksum = "sha256:" + hashlib.sha256(f"{self.checksum}\0{journal.digest}".encode()).hexdigest()
+
     def _verify(self, columns: dict[str, list[str]], shape: tuple, filtered: bool) -> None:
-        if self.version < FORMAT_VERSION:
+        if self.version < 2:
             warnings.warn(
                 f"store {self.path} ({self.attrs['format']}) carries no checksum: damage to it cannot be "
                 "detected. Rewrite it with cxr_embed.store.upgrade_store",
@@ -232,27 +264,46 @@ class Store:
 
     def embeddings(self, rows: Sequence[int] | None = None) -> np.ndarray:
         """All embeddings, or those of `rows` (in the order given)."""
+        if rows is None:
+            return np.concatenate([self._file_embeddings(None), self._extra]) if len(self._extra) else self._file_embeddings(None)
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.dim), np.float32)
+        in_file = rows < self._in_file
+        out[in_file] = self._file_embeddings(rows[in_file])
+        out[~in_file] = self._extra[rows[~in_file] - self._in_file]
+        return out
+
+    def _file_embeddings(self, rows: np.ndarray | None) -> np.ndarray:
         if rows is not None:
-            rows = np.asarray(rows, dtype=np.int64)
             if len(rows) == 0:
                 return np.zeros((0, self.dim), np.float32)
             # h5py reads a sorted, duplicate-free selection; restore the caller's order afterwards
             uniq, inverse = np.unique(rows, return_inverse=True)
         try:
             with h5py.File(self.path, "r") as f:
-                ds = f["embeddings"]
-                return ds[:].astype(np.float32, copy=False) if rows is None else ds[uniq].astype(np.float32, copy=False)[inverse]
+                ds = self._file_rows(f)
+                return ds[: self._in_file].astype(np.float32, copy=False) if rows is None else ds[uniq].astype(np.float32, copy=False)[inverse]
         except _READ_ERRORS as exc:  # fletcher32 mismatch, or the file changed under us
             raise _corrupt(self.path, f"embeddings unreadable: {exc}") from exc
 
+    def _file_rows(self, f: h5py.File) -> h5py.Dataset:
+        """The embeddings dataset, once sure that its first rows are still the ones this Store opened: a
+        fold since then only appended (a writer's, e.g. the listener's), a removal or merge rewrote it."""
+        if self._in_file and (f["embeddings"].shape[0] < self._in_file or _id_at(f, self._in_file - 1) != self.ids[self._in_file - 1]):
+            raise StoreError(f"store {self.path} was rewritten since it was opened (images removed?); open it again")
+        return f["embeddings"]
+
     def blocks(self, size: int = _BLOCK) -> Iterator[np.ndarray]:
-        """All embeddings in row order, `size` rows at a time (bounded memory for a large store)."""
+        """All embeddings in row order, at most `size` rows at a time (bounded memory for a large store)."""
         try:
             with h5py.File(self.path, "r") as f:
-                for start in range(0, len(self), size):
-                    yield f["embeddings"][start : start + size]
+                ds = self._file_rows(f)
+                for start in range(0, self._in_file, size):
+                    yield ds[start : min(start + size, self._in_file)]
         except _READ_ERRORS as exc:
             raise _corrupt(self.path, f"embeddings unreadable: {exc}") from exc
+        for start in range(0, len(self._extra), size):
+            yield self._extra[start : start + size]
 
     def get(self, ids: Iterable[str]) -> np.ndarray:
         return self.embeddings([self.row(i) for i in ids])
@@ -272,8 +323,11 @@ class Store:
             f"dimension:          {self.attrs['dim']}",
             f"created:            {self.attrs.get('created_at')}",
             f"updated:            {self.attrs.get('updated_at')}",
-            f"format:             {self.attrs['format']}" + ("" if self.version == FORMAT_VERSION else " (no checksum: upgrade it)"),
+            f"format:             {self.attrs['format']}" + ("" if self.version > 1 else " (no checksum: upgrade it)"),
         ]
+        if self.journal is not None and self.journal.batches:
+            lines.append(f"journal:            {len(self._extra)} image(s) in {journal_path(self.path).name}, committed "
+                         "and not yet folded into the HDF5 file (Store reads both; copy both)")
         if self.ids:
             keys = sorted(json.loads(self._meta_raw[0]).keys())
             lines.append(f"metadata fields:    {', '.join(keys)}")
@@ -311,12 +365,14 @@ def atomic_replace(path: Path, what: str = "store") -> Iterator[Path]:
     except BaseException as exc:
         _remove_quietly(tmp)
         if isinstance(exc, (OSError, RuntimeError)):  # h5py reports a failed flush or close as RuntimeError
-            raise StoreWriteFailed(
-                f"could not write {what} {path}: {exc}. The {what} is unchanged; free disk space or make "
-                "its folder writable, then run again"
-            ) from exc
+            raise _write_failed(path, exc, what) from exc
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
+
+
+def _write_failed(path: Path, exc: BaseException, what: str = "store") -> StoreWriteFailed:
+    return StoreWriteFailed(f"could not write {what} {path}: {exc}. The {what} is unchanged; free disk space or make "
+                            "its folder writable, then run again")
 
 
 def _open_reserved(path: Path, nbytes: int) -> h5py.File:
@@ -359,11 +415,21 @@ def _append_rows(f: h5py.File, ids: list[str], meta: list[str], embs: list[np.nd
         f["embeddings"][n0:] = np.stack(embs)
 
 
-def _write_failed(f: h5py.File, failed: dict[str, str]) -> None:
+def _set_failed(f: h5py.File, failed: dict[str, str]) -> None:
     for name, values in (("failed/ids", list(failed)), ("failed/errors", list(failed.values()))):
         for part in ("utf8", "ends"):
             f[name][part].resize((0,))
         _append_text(f, name, values)
+
+
+def merge_failures(failed: dict[str, str], batches: Sequence[Batch]) -> dict[str, str]:
+    """The failures after `batches`, in order: each adds its failures and clears those of the ids it stores."""
+    out = dict(failed)
+    for batch in batches:
+        out.update(batch.failed)
+        for image_id in batch.ids:
+            out.pop(image_id, None)
+    return out
 
 
 def _seal(f: h5py.File) -> None:
@@ -377,30 +443,40 @@ def _seal(f: h5py.File) -> None:
 def _rewrite(src: Store, dst: Path, drop: set[str] = frozenset()) -> None:
     """Writes `src` without the rows and failures of `drop` into a fresh file at `dst` (current format)."""
     keep = np.fromiter((i not in drop for i in src.ids), bool, len(src))
-    with _open_reserved(dst, src.path.stat().st_size) as f:
+    start = 0
+    with _open_reserved(dst, src.path.stat().st_size + src._extra.nbytes) as f:
         _create_layout(f, src.identity, src.attrs.get("created_at"))
-        for start, block in zip(range(0, len(src), _BLOCK), src.blocks(_BLOCK)):
+        for block in src.blocks(_BLOCK):  # the file's rows, then the journal's
             rows = np.flatnonzero(keep[start : start + len(block)]) + start
             if not np.isfinite(block).all():
                 raise _corrupt(src.path, f"non-finite embedding values near row {start}")
             _append_rows(f, [src.ids[r] for r in rows], [src._meta_raw[r] for r in rows], block[rows - start])
-        _write_failed(f, {k: v for k, v in src.failed.items() if k not in drop})
+            start += len(block)
+        _set_failed(f, {k: v for k, v in src.failed.items() if k not in drop})
         _seal(f)
 
 
 @dataclass
 class StoreWriter:
-    """Appends embeddings to a store with atomic commits. Refuses a store of another model."""
+    """Adds embeddings and failures to a store; `commit` makes them durable, `close` also folds the
+    journal into the HDF5 file. Refuses a store of another model.
+
+    A commit appends to the store's journal (its cost: the batch). The journal is folded in (the file
+    copied, appended to and renamed: its cost, the store) by the commit after it has reached
+    `fold_at_bytes` (default: a quarter of the file, 32 MiB to 512 MiB), and by `close`. A new store, or
+    one of an older format, is written whole by its first commit."""
 
     path: Path
     identity: dict
+    fold_at_bytes: int | None = None
     _ids: list[str] = field(default_factory=list)
     _embs: list[np.ndarray] = field(default_factory=list)
     _meta: list[str] = field(default_factory=list)
     _failed: dict[str, str] = field(default_factory=dict)
     _done: set[str] = field(default_factory=set)
-    _resolved: set[str] = field(default_factory=set)
-    _legacy: bool = False
+    _whole: bool = True  # the next commit writes the file whole: none yet, or of an older format
+    _base: str | None = None  # the checksum of the HDF5 file on disk, which the journal applies to
+    _journal_size: int = 0  # bytes of the journal's valid part (0: none)
 
     def __post_init__(self):
         self.path = Path(self.path)
@@ -411,10 +487,9 @@ class StoreWriter:
             existing = Store(self.path)
             check_identity(self.identity, existing.identity, f"store {self.path}")
             self._done = set(existing.ids)
-            self.previous_failures = dict(existing.failed)
-            self._legacy = existing.version < FORMAT_VERSION  # the first commit rewrites it with checksums
-        else:
-            self.previous_failures = {}
+            self._whole = existing.version < FORMAT_VERSION  # the first commit rewrites it in the current format
+            self._base = existing.attrs.get("checksum")
+            self._journal_size = existing.journal.size if existing.journal is not None else 0
 
     @property
     def done_ids(self) -> set[str]:
@@ -427,7 +502,7 @@ class StoreWriter:
 
     @property
     def pending(self) -> int:
-        return len(self._ids) + len(self._failed) + len(self._resolved)
+        return len(self._ids) + len(self._failed)
 
     def add(self, image_id: str, embedding: np.ndarray, metadata: dict) -> None:
         """Queues one image for the next commit; an id already stored is skipped."""
@@ -442,36 +517,72 @@ class StoreWriter:
         self._embs.append(emb)
         self._meta.append(json.dumps(metadata, sort_keys=True, default=str))
         self._done.add(image_id)
-        if image_id in self.previous_failures:
-            self._resolved.add(image_id)
-
-    def _rows(self):
-        return zip(self._ids, self._meta, self._embs)
 
     def fail(self, image_id: str, error: str) -> None:
         self._failed[image_id] = error
 
     def commit(self) -> None:
-        """Make everything added so far durable (atomic replace). Cheap to call when nothing is pending."""
-        if not self.pending and self.path.exists() and not self._legacy:
+        """Make everything added so far durable: appended to the journal, or written whole with the
+        journal folded in (see the class). Cheap to call when nothing is pending. On failure
+        (StoreWriteFailed) the store is unchanged and everything stays pending."""
+        if not self.pending and not self._whole:
             return
+        dim = int(self.identity["dim"])
+        batch = Batch(self._ids, self._meta, np.stack(self._embs) if self._embs else np.zeros((0, dim), np.float32),
+                      dict(self._failed))
+        if self._whole or self._journal_size >= self._fold_at():
+            self._write_whole(batch)
+        else:
+            self._append(batch)
+        self._ids, self._embs, self._meta, self._failed = [], [], [], {}
+
+    def close(self) -> None:
+        """Commit, and fold the journal into the HDF5 file: the store is one file again."""
+        self.commit()
+        if self._journal_size:
+            self._write_whole(Batch([], [], np.zeros((0, int(self.identity["dim"])), np.float32)))
+
+    def _fold_at(self) -> int:
+        if self.fold_at_bytes is not None:
+            return self.fold_at_bytes
+        return min(max(FOLD_MIN_BYTES, self.path.stat().st_size // 4), FOLD_MAX_BYTES)
+
+    def _append(self, batch: Batch) -> None:
+        path = journal_path(self.path)
+        try:
+            frame = encode_batch(batch)
+            if self._journal_size:
+                self._journal_size = append_frame(path, self._journal_size, frame)
+            else:  # a journal of an earlier file (left by a crash after a fold) is replaced
+                self._journal_size = start_journal(path, self._base, frame)
+        except OSError as exc:
+            raise _write_failed(self.path, exc) from exc
+
+    def _write_whole(self, batch: Batch) -> None:
+        """The HDF5 file replaced atomically by one holding the journal's batches and `batch`; the
+        journal is then removed (until then it names the old file, so is ignored if left behind)."""
+        journal = read_journal(journal_path(self.path), self._base, batch.embeddings.shape[1]) if self._journal_size else None
+        batches = (journal.batches if journal is not None else []) + [batch]
         with atomic_replace(self.path) as tmp:
-            if self._legacy:
+            if self._whole and self.path.exists():
                 _rewrite(_open_unchecked(self.path), tmp)
             elif self.path.exists():
                 shutil.copyfile(self.path, tmp)
-            with _open_reserved(tmp, sum(len(i) + len(m) + 4 * len(e) for i, m, e in self._rows())) as f:
+            nbytes = sum(b.embeddings.nbytes + sum(map(len, b.ids)) + sum(map(len, b.metadata)) for b in batches)
+            with _open_reserved(tmp, nbytes) as f:
                 if "ids" not in f:
                     _create_layout(f, self.identity)
-                _append_rows(f, self._ids, self._meta, self._embs)
-                failed = dict(zip(_read_text(f, "failed/ids"), _read_text(f, "failed/errors")))
-                failed.update(self._failed)
-                for image_id in self._resolved:
-                    failed.pop(image_id, None)
-                _write_failed(f, failed)
+                for b in batches:
+                    _append_rows(f, b.ids, b.metadata, b.embeddings)
+                _set_failed(f, merge_failures(dict(zip(_read_text(f, "failed/ids"), _read_text(f, "failed/errors"))),
+                                              batches))
                 _seal(f)
-        self.previous_failures, self._legacy = failed, False
-        self._ids, self._embs, self._meta, self._failed, self._resolved = [], [], [], {}, set()
+                base = _attr(f.attrs["checksum"])
+        self._base, self._whole, self._journal_size = base, False, 0
+        try:
+            remove_journal(journal_path(self.path))
+        except OSError:  # harmless: it names the replaced file, so it is ignored, and the next journal replaces it
+            pass
 
 
 def merge_stores(inputs: Sequence[str | os.PathLike], out: str | os.PathLike) -> Store:
@@ -490,6 +601,7 @@ def merge_stores(inputs: Sequence[str | os.PathLike], out: str | os.PathLike) ->
             if image_id not in writer.done_ids:
                 writer.fail(image_id, err)
         writer.commit()
+    writer.close()
     return Store(out)
 
 
@@ -501,7 +613,7 @@ def _open_unchecked(path: str | os.PathLike) -> Store:
 
 
 def upgrade_store(path: str | os.PathLike) -> Path:
-    """Rewrites a store of an older format (no checksums) in the current one, atomically; a current store is left as is."""
+    """Rewrites a store of an older format in the current one, atomically; a current store is left as is."""
     store = _open_unchecked(path)
     if store.version < FORMAT_VERSION:
         with atomic_replace(store.path) as tmp:
@@ -535,6 +647,7 @@ def remove_images(path: str | os.PathLike, ids: Iterable[str]) -> RemovalReport:
     removed_failures = [i for i in drop if i in store.failed]
     if drop:
         with atomic_replace(store.path) as tmp:
-            _rewrite(store, tmp, set(drop))
+            _rewrite(store, tmp, set(drop))  # the journal's rows included
+        remove_journal(journal_path(store.path))  # it names the replaced file: its copy of the removed rows goes too
         store = Store(store.path)
     return RemovalReport(store.path, removed, removed_failures, len(store), store.checksum)

@@ -41,6 +41,9 @@ def _add_listen(sub) -> None:
     p.add_argument("--ae-title", default="CXREMBED", help="this SCP's AE title (default %(default)s)")
     p.add_argument("--require-called-aet", action="store_true", help="refuse associations addressed to another AE title")
     p.add_argument("--max-associations", type=int, default=8, help="associations at a time (default %(default)s)")
+    p.add_argument("--max-pdu", type=int, default=4 * 2**20,
+                   help="largest PDU accepted, in bytes (4096 to 64 MiB; default %(default)s: a radiograph arrives in "
+                        "a few PDUs; senders may send smaller ones)")
     p.add_argument("--model", default=None, help="model name or checkpoint (CXR_EMBED_MODEL; default: shipped model)")
     p.add_argument("--probes", default=None, help="folder of saved probes (*.json) or one probe file (CXR_EMBED_PROBES)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (CXR_EMBED_DEVICE; default auto)")
@@ -114,8 +117,7 @@ def _cmd_serve(args) -> int:
 def _cmd_listen(args) -> int:
     import logging
 
-    from .listener import ListenerSettings, run_listener
-    from .settings import ServiceSettings
+    from .listener import ListenerSettings, listener_service_settings, run_listener
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("cxr_embed").setLevel(logging.INFO)  # counts and statuses
@@ -123,9 +125,10 @@ def _cmd_listen(args) -> int:
     # undecodable instance, which the listener already answers and records with a typed reason
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
-    service = ServiceSettings.from_env(model=args.model, probes=args.probes, device=args.device,
-                                       image_check=args.image_check, backend=args.backend, precision=args.precision)
+    service = listener_service_settings(model=args.model, probes=args.probes, device=args.device,
+                                        image_check=args.image_check, backend=args.backend, precision=args.precision)
     settings = ListenerSettings(out=args.out, service=service, host=args.host, port=args.port, ae_title=args.ae_title,
-                                require_called_aet=args.require_called_aet, max_associations=args.max_associations)
+                                require_called_aet=args.require_called_aet, max_associations=args.max_associations,
+                                max_pdu=args.max_pdu)
     print(run_listener(settings).text(), flush=True)
     return 0

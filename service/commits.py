@@ -1,9 +1,9 @@
 """Group commits into a store: one thread owns the `StoreWriter`; records handed in by many threads
 are added and made durable by one commit, and each sender learns its outcome only after that commit.
 
-While a commit runs (a copy of the store, an fsync, a rename: `cxr_embed/store.py`), records keep
-arriving and the next commit takes them all, so concurrent senders share commits instead of queueing
-one commit each.
+While a commit runs (an append to the store's journal and an fsync: `cxr_embed/store.py`), records
+keep arriving and the next commit takes them all, so concurrent senders share commits instead of
+queueing one commit each. `close` folds the journal into the HDF5 file.
 """
 
 from __future__ import annotations
@@ -56,12 +56,18 @@ class GroupCommitter:
         return fut
 
     def close(self, timeout: float | None = None) -> None:
+        """Commit what was submitted, stop the thread, and fold the store's journal into its file."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             self._queue.put(None)
         self._thread.join(timeout)
+        if not self._thread.is_alive():
+            try:
+                self.writer.close()
+            except Exception as exc:  # every commit is durable already (Store reads the journal): nothing is lost
+                log.error("could not fold the store's journal into its file (%s); the next writer will", type(exc).__name__)
 
     def _run(self) -> None:
         done = False

@@ -130,8 +130,13 @@ class Engine:
             self.index = EmbeddingIndex.build(self.settings.store)
             self.index.check_model(identity)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop the batcher (once its batch is done) and the runtime's threads. Joined, not left running:
+        a daemon thread still inside torch when the interpreter finalizes is ended mid-call, and the
+        process aborts ('terminate called without an active exception')."""
         self._stop.set()
+        if self._worker is not None and self._worker is not threading.current_thread():
+            self._worker.join(timeout)
         if self.runtime is not None:
             self.runtime.close()
 

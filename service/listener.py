@@ -34,6 +34,7 @@ from pynetdicom import AE, evt
 
 from cxr_embed.chest import is_reliable
 from cxr_embed.errors import ConfigError, CxrEmbedError
+from cxr_embed.runtime import AUTO_CPU_WORKERS_MAX
 from cxr_embed.store import StoreWriter
 from probes.scoring import score_embedding
 
@@ -42,6 +43,7 @@ from .dimse import (PROCESSING_FAILURE, RADIOGRAPH_SOP_CLASSES, SUCCESS, VERIFIC
                     ShuttingDown, SopMismatch, Timeout, UnreadableDataset, decodable_transfer_syntaxes, reason_of,
                     status_dataset, status_of)
 from .engine import Engine
+from .pdu_limits import bound_connection
 from .settings import ServiceSettings
 
 log = logging.getLogger("cxr_embed.listener")
@@ -50,10 +52,23 @@ log = logging.getLogger("cxr_embed.listener")
 HEADER_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "Modality", "BodyPartExamined", "ViewPosition",
                "PresentationIntentType", "ImageLaterality", "PhotometricInterpretation", "Rows", "Columns",
                "BitsStored", "NumberOfFrames")
+MIN_PDU, MAX_PDU = 4096, 64 * 2**20  # never 0 (unlimited): a peer's PDU is bounded by what we advertise
+
+
+# The model on single-threaded workers that share a batch, never one team of OpenMP threads: the
+# listener's decoding and DICOM networking threads always compete for the cores, and a team stalls at
+# every op when one of its threads is descheduled (threads.py; measured: BENCHMARKS.md).
+# CXR_EMBED_MODEL_THREADS and CXR_EMBED_CPU_WORKERS still override it.
+LISTENER_RUNTIME_DEFAULTS = {"model_threads": 1, "cpu_workers": min(os.cpu_count() or 1, AUTO_CPU_WORKERS_MAX)}
+
+
+def listener_service_settings(**overrides) -> ServiceSettings:
+    """The service's settings (CXR_EMBED_* variables included) with the listener's runtime defaults."""
+    return ServiceSettings.from_env(defaults=LISTENER_RUNTIME_DEFAULTS, **overrides)
 
 
 def _service_settings() -> ServiceSettings:
-    return ServiceSettings.from_env()
+    return listener_service_settings()
 
 
 @dataclass
@@ -67,10 +82,14 @@ class ListenerSettings:
     port: int = 11112  # 0: any free port (Listener.port tells which)
     ae_title: str = "CXREMBED"
     require_called_aet: bool = False  # refuse associations addressed to another AE title
-    # each association has one C-STORE in flight at a time, so this bounds the memory held by
-    # received instances (max_associations x max_instance_bytes) and keeps the engine's queue from filling
+    # each association has one C-STORE in flight at a time (pdu_limits.py ends one that sends more, or a
+    # larger PDU or data set), so this bounds the memory held by received instances (max_associations x
+    # (max_instance_bytes + max_pdu), and copies while decoding) and keeps the engine's queue from filling
     max_associations: int = 8
     max_instance_bytes: int = 64 * 2**20
+    # the largest PDU we accept (advertised at association; PS3.8 D.1): a 7 MB radiograph then arrives in
+    # a few PDUs instead of ~440 of pynetdicom's default 16382 bytes, each parsed in Python
+    max_pdu: int = 4 * 2**20
     wait_s: float = 120.0  # longest a handler waits for the model, then for the commit
     stop_grace_s: float = 5.0  # on stop, how long open associations may go on before they are aborted
 
@@ -78,6 +97,8 @@ class ListenerSettings:
         for name in ("max_associations", "max_instance_bytes"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)!r}")
+        if not MIN_PDU <= int(self.max_pdu) <= MAX_PDU:
+            raise ConfigError(f"max_pdu must be {MIN_PDU} to {MAX_PDU} bytes, not {self.max_pdu!r}")
         if not 0 < len(self.ae_title.strip()) <= 16:
             raise ConfigError(f"AE title {self.ae_title!r}: 1 to 16 characters")
 
@@ -158,7 +179,8 @@ class Listener:
             raise
         self.engine = engine
         self._ae = self._build_ae()
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, _on_echo)]
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, _on_echo),
+                    (evt.EVT_CONN_OPEN, bound_connection, [self.settings.max_pdu, self.settings.max_instance_bytes])]
         try:
             self._server = self._ae.start_server((self.settings.host, self.settings.port), block=False,
                                                  evt_handlers=handlers)
@@ -175,6 +197,7 @@ class Listener:
     def _build_ae(self) -> AE:
         ae = AE(ae_title=self.settings.ae_title)
         ae.maximum_associations = int(self.settings.max_associations)
+        ae.maximum_pdu_size = int(self.settings.max_pdu)
         ae.require_called_aet = bool(self.settings.require_called_aet)
         syntaxes = decodable_transfer_syntaxes()
         for sop_class in RADIOGRAPH_SOP_CLASSES:

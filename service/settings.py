@@ -72,11 +72,11 @@ class ServiceSettings:
         return cls(runtime=runtime, **{k: v for k, v in values.items() if k in own})
 
     @classmethod
-    def from_env(cls, environ: dict | None = None, **overrides) -> "ServiceSettings":
-        """Defaults, then CXR_EMBED_* variables of `environ` (default: os.environ), then `overrides`
-        that are not None."""
+    def from_env(cls, environ: dict | None = None, defaults: dict | None = None, **overrides) -> "ServiceSettings":
+        """Defaults (the service's, then `defaults`), then CXR_EMBED_* variables of `environ` (default:
+        os.environ), then `overrides` that are not None."""
         env = os.environ if environ is None else environ
-        values = {}
+        values = dict(defaults or {})
         for f in [*fields(RuntimeSettings), *(f for f in fields(cls) if f.name != "runtime")]:
             raw = env.get(ENV_PREFIX + f.name.upper())
             if raw is not None and raw != "":

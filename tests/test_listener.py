@@ -5,6 +5,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -14,6 +15,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from cxr_embed import Store
+from cxr_embed.errors import ConfigError
 from cxr_embed.models import create_model
 from probes import save_probe, train_probe
 from servers import free_port
@@ -42,6 +44,30 @@ for path in paths:
     out[path] = [int(rsp.Status), str(rsp.get("ErrorComment", ""))]
 assoc.release()
 print(json.dumps(out))
+"""
+
+
+# Sends copies of one file, each with a new SOP Instance UID, until done or cut off; prints each UID
+# the listener acknowledged (status 0x0000), as soon as it is acknowledged.
+COPIES = r"""
+import sys
+import pydicom
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+port, path, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+ds = pydicom.dcmread(path)
+ae = AE(ae_title="COPIES")
+ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+assoc = ae.associate("127.0.0.1", port, ae_title="CXREMBED")
+for _ in range(n):
+    if not assoc.is_established:
+        break
+    ds.SOPInstanceUID = generate_uid()
+    rsp = assoc.send_c_store(ds)
+    if rsp and int(rsp.Status) == 0:
+        print(ds.SOPInstanceUID, flush=True)
+if assoc.is_established:
+    assoc.release()
 """
 
 
@@ -88,10 +114,10 @@ def _run(args, timeout=180):
     return subprocess.run([sys.executable, "-m", "pynetdicom", *args], capture_output=True, text=True, timeout=timeout)
 
 
-def _start(tmp, port, probes):
+def _start(tmp, port, probes=None):
     log = open(tmp / "listener.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "cxr_embed", "listen", "--port", str(port), "--out",
-                             str(tmp / "s.h5"), "--model", MODEL, "--probes", str(probes)],
+                             str(tmp / "s.h5"), "--model", MODEL, *(["--probes", str(probes)] if probes else [])],
                             stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 240
     while b"listening for DICOM" not in (tmp / "listener.log").read_bytes():
@@ -206,6 +232,8 @@ def test_listener_starts_and_stops_in_process(tmp_path):
         assert "Received Echo Response (Status: 0x0000 - Success)" in echo.stdout + echo.stderr
     summary = listener.summary()
     assert summary.received == 0 and summary.statuses == {}
+    # stopped means stopped: no thread of ours is left to be inside torch when the interpreter exits
+    assert not [t.name for t in threading.enumerate() if t.name in ("cxr-batcher", "cxr-commit")]
     store = Store(tmp_path / "s.h5")  # created empty at start, pinned to the model
     assert len(store) == 0 and store.model_name == MODEL
 
@@ -223,3 +251,53 @@ def test_each_error_gets_its_status():
     assert reason_of(KeyError("ZZQ secret")) == "internal_error: KeyError"  # untyped messages are not repeated
     assert len(status_dataset(UNDECODABLE, "y" * 100).ErrorComment) == 64
     assert "ErrorComment" not in status_dataset(0x0000, "ignored")
+
+
+def test_sigint_during_traffic_exits_0_with_every_acknowledged_instance_stored(dcm_dir, tmp_path):
+    """Ctrl-C while two associations are sending: the listener stops cleanly (exit 0, no abort at
+    interpreter exit), and every instance a sender saw acknowledged is in the store, which is one file
+    again (its journal folded in)."""
+    port = free_port()
+    (tmp_path / "copies.py").write_text(COPIES)
+    proc, log = _start(tmp_path, port)
+    senders = [subprocess.Popen([sys.executable, str(tmp_path / "copies.py"), str(port), str(dcm_dir / "RG1_UNCR.dcm"),
+                                 "200"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        acknowledged = [senders[0].stdout.readline().strip() for _ in range(3)]  # traffic is flowing
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(120)
+        for sender in senders:
+            out, _ = sender.communicate(timeout=120)
+            acknowledged += out.split()
+    finally:
+        for p in [proc, *senders]:
+            if p.poll() is None:
+                p.kill()
+        log.close()
+    text = (tmp_path / "listener.log").read_text()
+    assert rc == 0 and "listener stopped" in text, text[-3000:]
+    assert "terminate called" not in text and "Traceback" not in text, text[-3000:]
+    assert all(acknowledged) and len(acknowledged) < 400  # stopped mid-traffic
+    store = Store(tmp_path / "s.h5")
+    assert set(acknowledged) <= set(store.ids) and len(set(store.ids)) == len(store.ids)
+    assert store.journal is None and not (tmp_path / "s.h5.journal").exists()
+
+
+def test_listener_runs_the_model_on_single_threaded_workers_unless_told(monkeypatch):
+    """No OpenMP team for the model in the listener (it stalls while decoding and networking threads
+    hold the cores); the CXR_EMBED_* variables still decide when set."""
+    import os
+
+    from service.listener import ListenerSettings, listener_service_settings
+
+    monkeypatch.delenv("CXR_EMBED_MODEL_THREADS", raising=False)
+    monkeypatch.delenv("CXR_EMBED_CPU_WORKERS", raising=False)
+    runtime = listener_service_settings(model=MODEL).runtime
+    assert runtime.model_threads == 1 and runtime.cpu_workers == min(os.cpu_count(), 4) and runtime.image_check == "auto"
+    assert ListenerSettings(out="s.h5").service.runtime.model_threads == 1
+    monkeypatch.setenv("CXR_EMBED_MODEL_THREADS", "2")
+    monkeypatch.setenv("CXR_EMBED_CPU_WORKERS", "1")
+    runtime = listener_service_settings().runtime
+    assert (runtime.model_threads, runtime.cpu_workers) == (2, 1)
+    with pytest.raises(ConfigError, match="max_pdu must be 4096"):
+        ListenerSettings(out="s.h5", max_pdu=0)  # 0 would be "unlimited" to pynetdicom

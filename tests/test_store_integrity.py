@@ -15,6 +15,7 @@ from cxr_embed.errors import InvalidEmbedding, StaleIndex, StoreCorrupt, StoreTo
 from cxr_embed.index import EmbeddingIndex
 from cxr_embed.store import (
     FORMAT,
+    FORMAT_VERSION,
     LEGACY_FORMAT,
     Store,
     StoreWriter,
@@ -42,7 +43,7 @@ def _write(path, rows, failed=(), commits=2):
             writer.commit()
     for image_id in failed:
         writer.fail(image_id, "truncated_or_corrupt: ends early")
-    writer.commit()
+    writer.close()  # one HDF5 file, the journal folded in
     return path
 
 
@@ -161,7 +162,7 @@ def test_legacy_store_warns_then_upgrades_in_place(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         new = Store(path)
-    assert new.version == 2 and new.ids == old.ids and new.failed == {"lost.png": "truncated_or_corrupt: x"}
+    assert new.version == FORMAT_VERSION and new.ids == old.ids and new.failed == {"lost.png": "truncated_or_corrupt: x"}
     assert np.array_equal(new.embeddings(), old.embeddings()) and new.attrs["created_at"] == "2024-01-01T00:00:00Z"
     assert not path.with_name("old.h5.tmp").exists()
 
@@ -172,11 +173,11 @@ def test_writer_and_merge_upgrade_a_legacy_store(tmp_path):
     with pytest.warns(UncheckedStoreWarning):
         merged = merge_stores([legacy, current], tmp_path / "m.h5")
         writer = StoreWriter(legacy, IDENTITY)
-    assert merged.version == 2 and len(merged) == 10
+    assert merged.version == FORMAT_VERSION and len(merged) == 10
     writer.add("extra.dcm", np.ones(DIM), {})
     writer.commit()
     appended = Store(legacy)
-    assert appended.version == 2 and len(appended) == 7 and appended.checksum == appended.attrs["checksum"]
+    assert appended.version == FORMAT_VERSION and len(appended) == 7 and appended.checksum == appended.attrs["checksum"]
 
 
 def test_bad_utf8_in_a_legacy_heap_is_a_damaged_store(tmp_path):
