@@ -18,6 +18,7 @@ the columns they were built with and serve only configs asking for exactly those
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -279,23 +280,18 @@ def build_pack(cfg, out, parts: int = 1, quality: int = 90, image_format: str = 
 
 
 def _write_pack(path: Path, attrs: dict, rows: PoolRows, blobs: list[np.ndarray], digests: list[str]) -> None:
+    """One pack file: the compressed images end to end with their offsets, each file's sha256, and the
+    ids, CSV row numbers and columns as one gzip-compressed JSON table (a few bytes per image)."""
     tmp = path.with_name(path.name + ".tmp")
+    table = {"ids": rows.images, "row": rows.row.tolist(), "columns": rows.columns}
     with h5py.File(tmp, "w") as f:
         f.attrs.update(attrs)
-        data = f.create_dataset("images", (len(blobs),), dtype=h5py.vlen_dtype(np.uint8))
-        for j, blob in enumerate(blobs):
-            data[j] = blob
-        f.create_dataset("ids", data=rows.images, dtype=h5py.string_dtype())
-        f.create_dataset("row", data=rows.row)
+        f.create_dataset("images", data=np.concatenate(blobs) if blobs else np.zeros(0, np.uint8))
+        f.create_dataset("offsets", data=np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64))
         f.create_dataset("sha256", data=np.frombuffer(b"".join(bytes.fromhex(d) for d in digests), np.uint8)
                          .reshape(len(digests), 32))
-        for name, values in rows.columns.items():
-            f.create_dataset(f"columns/{name}", data=values, dtype=h5py.string_dtype(), compression="gzip")
+        f.create_dataset("table", data=np.frombuffer(gzip.compress(json.dumps(table).encode()), np.uint8))
     tmp.replace(path)
-
-
-def _text(values) -> list[str]:
-    return [x.decode() if isinstance(x, bytes) else str(x) for x in values]
 
 
 def _read_pack(path: Path) -> dict:
@@ -308,12 +304,15 @@ def _read_pack(path: Path) -> dict:
         fmt = f.attrs.get("format")
         if fmt not in (PACK_FORMAT, PACK_FORMAT_V1):
             raise CxrEmbedError(f"{path} is not a cxr-embed pack (format {fmt!r})")
-        part = {"path": path, "attrs": dict(f.attrs), "ids": _text(f["ids"][:])}
+        attrs = dict(f.attrs)
         if fmt == PACK_FORMAT_V1:
-            return {**part, "blobs": f["jpeg"][:], "keys": _text(f["keys"][:])}
-        return {**part, "blobs": f["images"][:], "row": f["row"][:],
-                "digests": [bytes(d).hex() for d in f["sha256"][:]],
-                "columns": {name: _text(ds[:]) for name, ds in f["columns"].items()}}
+            return {"path": path, "attrs": attrs, "ids": [x.decode() if isinstance(x, bytes) else x for x in f["ids"][:]],
+                    "blobs": f["jpeg"][:], "keys": [x.decode() if isinstance(x, bytes) else x for x in f["keys"][:]]}
+        data, offsets = f["images"][:], f["offsets"][:]
+        table = json.loads(gzip.decompress(f["table"][:].tobytes()))
+        return {"path": path, "attrs": attrs, "ids": table["ids"], "row": np.array(table["row"], dtype=np.int64),
+                "columns": table["columns"], "digests": [bytes(d).hex() for d in f["sha256"][:]],
+                "blobs": [data[offsets[i]: offsets[i + 1]] for i in range(len(offsets) - 1)]}
 
 
 def load_pool_from_packs(cfg, progress: bool = True) -> Pool:

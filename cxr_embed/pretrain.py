@@ -197,6 +197,9 @@ def quick_probe_auc(emb: np.ndarray, keys: list[str]) -> float | None:
 
 
 def _git_commit() -> str:
+    """This code's commit: git's answer, else CXR_EMBED_GIT_COMMIT (set where the code is a copy without git)."""
+    if os.environ.get("CXR_EMBED_GIT_COMMIT"):
+        return os.environ["CXR_EMBED_GIT_COMMIT"]
     try:
         proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
                               text=True, timeout=10)
