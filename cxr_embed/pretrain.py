@@ -274,7 +274,7 @@ class Trainer:
     def __init__(self, cfg: PretrainConfig, progress: bool = True):
         self.cfg, self.progress = cfg, progress
         self.device, self.rank, self.world = _start_processes(cfg)
-        self.threads = torch.get_num_threads()  # the decoding threads below may change it: loop() restores it
+        self.threads = torch.get_num_threads()  # the quick probe (scikit-learn) may change it: loop() restores it
         self.is_main = self.rank == 0
         self.out_dir = Path(cfg.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -422,7 +422,7 @@ class Trainer:
             self.probe(f"epoch {epoch}")
 
     def loop(self) -> None:
-        model_threads(self.threads)  # measured: without this the first run in a process trained on 1 thread
+        model_threads(self.threads)  # measured: after the start probe, training ran on 1 thread without this
         images_dev = torch.from_numpy(self.pool.images).to(self.device)  # uint8; 19k x 224^2 is 1 GB
         gen = torch.Generator(device=self.device)
         self.backbone.train()
@@ -464,12 +464,14 @@ class Trainer:
         """max_train_seconds reached (every process stops at the same step under torchrun)."""
         if not self.cfg.max_train_seconds:
             return False
-        up = torch.tensor([float(self.train_seconds >= self.cfg.max_train_seconds)], device=self.device)
-        if self.world > 1:
-            import torch.distributed as dist
+        up = self.train_seconds >= self.cfg.max_train_seconds
+        if self.world == 1:
+            return up
+        import torch.distributed as dist
 
-            dist.all_reduce(up, op=dist.ReduceOp.MAX)
-        return bool(up.item())
+        flag = torch.tensor([float(up)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def finish(self) -> Path:
         """The final probe and the fp16 safetensors checkpoint with its provenance."""
