@@ -4,19 +4,19 @@ Two augmented views per image go through the backbone and a projection head; pyt
 learning's SupConLoss pulls together views of images with the same label and pushes the rest apart.
 The embedding that ships is the backbone's pooled output, not the projection.
 
-Positives: images are positives of each other when their whole label vector is equal. With one
-binary column (the default `abnormal`) that is normal vs abnormal, as CXR Foundation did; with
-several columns (e.g. the 14 NIH findings) each distinct combination of findings is one class, and
-combinations seen fewer than `min_class_count` times are dropped from training (reported).
+Positives: images are positives of each other when their class key is equal. The key is the label
+vector (`label_columns`; with the default `abnormal`, normal vs abnormal, as CXR Foundation did; with
+several columns each distinct combination is one class, and combinations seen fewer than
+`min_class_count` times are dropped from training, reported), or, with `label_map`, the class its
+first matching pattern names (e.g. the pool's `finding` mapped to normal / COVID-19 / TB / bacterial
+/ viral pneumonia). Which rows train (`exclude`) and how classes get their keys: cxr_embed.pool.
+Batches: class-balanced, and with `balance_by` balanced by group within a class: cxr_embed.sampler.
 """
 
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
-import hashlib
-import io
 import json
 import math
 import os
@@ -24,13 +24,13 @@ import platform
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .optional import require
 
 require("torch", "pretraining (cxr-embed pretrain, pack)")
-import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -38,12 +38,14 @@ from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from .augment import AugmentConfig, augment, center_view  # noqa: E402
-from .errors import CxrEmbedError, InputError, LabelError  # noqa: E402
-from .ingest import load_image, read_bytes  # noqa: E402
-from .labels import read_labels  # noqa: E402
+from .errors import CxrEmbedError, LabelError  # noqa: E402
 from .models import EmbeddingModel, create_model, save_checkpoint  # noqa: E402
-from .preprocess import letterbox  # noqa: E402
-from .threads import decode_pool  # noqa: E402
+from .pool import (Pool, build_pack, load_pool_from_csv, load_pool_from_packs, normalise_exclude,  # noqa: E402
+                   normalise_label_map)
+from .sampler import ClassBalancedBatches  # noqa: E402
+from .threads import model_threads  # noqa: E402
+
+__all__ = ["PretrainConfig", "Pool", "Trainer", "pretrain", "build_pack", "ClassBalancedBatches"]
 
 
 @dataclass
@@ -51,6 +53,10 @@ class PretrainConfig:
     labels: str = "../shared/data/pretrain.csv"
     image_root: str | None = None  # CSV paths are relative to this (default: the CSV's folder)
     label_columns: list[str] = field(default_factory=lambda: ["abnormal"])
+    label_map: list[list[str]] = field(default_factory=list)  # [[pattern, class], ...]: first match (re.match) wins
+    exclude: dict[str, list[str]] = field(default_factory=dict)  # {column or "class": [value, ...]}: rows left out
+    balance_by: list[str] = field(default_factory=list)  # columns (e.g. [source]) balanced within each class
+    balance_alpha: float = 0.0  # group shares within a class ~ size ** alpha: 0 even, 1 as in the pool
     packs: list[str] = field(default_factory=list)  # pre-decoded packs (see build_pack) instead of the CSV
     base_model: str = "imagenet-effnet-lite0"
     name: str = "cxr-supcon-effnet-lite0"
@@ -77,6 +83,7 @@ class PretrainConfig:
     checkpoint_every: int = 200  # steps
     max_steps: int = 0  # stop after this many steps in all (0: run every epoch)
     max_images: int = 0  # use only the first N rows (0: all); for smoke tests
+    max_train_seconds: float = 0  # stop training after this long and write the checkpoint, marked (0: no limit)
     snapshot_epochs: list[int] = field(default_factory=list)  # also write fp16 checkpoints after these epochs
     threads: int = 0  # torch CPU threads (0: leave torch's default)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -115,166 +122,18 @@ class PretrainConfig:
             if bad:
                 raise CxrEmbedError(f"{source}: unknown augment setting(s) {', '.join(bad)}")
             data["augment"] = AugmentConfig(**aug)
-        if isinstance(data.get("label_columns"), str):
-            data["label_columns"] = [data["label_columns"]]
+        for name in ("label_columns", "balance_by"):
+            if isinstance(data.get(name), str):
+                data[name] = [data[name]]
+        data["label_map"] = normalise_label_map(data.get("label_map"), source)
+        data["exclude"] = normalise_exclude(data.get("exclude"), source)
         return cls(**data)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-# --- the pool of training images ------------------------------------------------------------------
-
-@dataclass
-class Pool:
-    """Letterboxed uint8 images in memory, their ids and class keys, and the data's hash."""
-
-    images: np.ndarray  # (N, S, S) uint8
-    ids: list[str]
-    keys: list[str]  # the label vector as text, e.g. "1" or "0|1|0"
-    data_hash: str
-    failed: dict[str, str] = field(default_factory=dict)
-
-
-def _read_label_rows(cfg: PretrainConfig) -> list[tuple[str, str]]:
-    """(image, class key) rows of the pool through the one label reader (cxr_embed.labels)."""
-    table = read_labels(cfg.labels, cfg.label_columns, max_rows=cfg.max_images or 0, encode=False)
-    return [(image, table.key(i)) for i, image in enumerate(table.images)]
-
-
-def _decode_one(data: bytes, size: int) -> np.ndarray:
-    sq = letterbox(load_image(data).pixels, size)
-    return (sq * 255.0 + 0.5).astype(np.uint8)
-
-
-def load_pool_from_csv(cfg: PretrainConfig, progress: bool = True) -> Pool:
-    rows = _read_label_rows(cfg)
-    root = Path(cfg.image_root) if cfg.image_root else Path(cfg.labels).parent
-    images = np.zeros((len(rows), cfg.input_size, cfg.input_size), np.uint8)
-    ok = np.zeros(len(rows), bool)
-    failed: dict[str, str] = {}
-    h = hashlib.sha256()
-
-    def work(n: int):
-        image_id = rows[n][0]
-        try:
-            data = read_bytes(root / image_id)
-            digest = hashlib.sha256(data).hexdigest()
-            images[n] = _decode_one(data, cfg.input_size)
-            return n, digest, None
-        except InputError as exc:
-            return n, None, f"{exc.code}: {exc}"
-
-    with decode_pool(min(8, os.cpu_count() or 1), prefix="cxr-load") as pool:  # see threads.py
-        results = list(tqdm(pool.map(work, range(len(rows))), total=len(rows), unit="img", desc="loading images",
-                            disable=not progress, file=sys.stderr, mininterval=2.0))
-    for n, digest, err in results:
-        if err is None:
-            ok[n] = True
-            h.update(f"{rows[n][0]}\t{rows[n][1]}\t{digest}\n".encode())
-        else:
-            failed[rows[n][0]] = err
-    keep = np.flatnonzero(ok)
-    return Pool(images[keep], [rows[n][0] for n in keep], [rows[n][1] for n in keep], h.hexdigest()[:16], failed)
-
-
-def build_pack(cfg: PretrainConfig, out: str | os.PathLike, parts: int = 1, quality: int = 90, progress: bool = True) -> list[Path]:
-    """Decode the pool once and write it as JPEG-compressed letterboxed images in HDF5 file(s).
-
-    A pack moves the training data to another machine (e.g. a GPU host) in a few tens of MB. The data
-    hash recorded is that of the original files, so a model trained from a pack names its real source.
-    """
-    from PIL import Image
-
-    pool = load_pool_from_csv(cfg, progress=progress)
-    out = Path(out)
-    paths = []
-    for part in range(parts):
-        path = out if parts == 1 else out.with_name(f"{out.stem}.part{part}{out.suffix}")
-        sel = range(part, len(pool.ids), parts)
-        with h5py.File(path, "w") as f:
-            f.attrs["format"] = "cxr-embed-pack/1"
-            f.attrs["data_hash"] = pool.data_hash
-            f.attrs["size"] = cfg.input_size
-            f.attrs["label_columns"] = json.dumps(cfg.label_columns)
-            f.attrs["quality"] = quality
-            f.attrs["n_failed"] = len(pool.failed)
-            jpeg = f.create_dataset("jpeg", (len(sel),), dtype=h5py.vlen_dtype(np.uint8))
-            for j, n in enumerate(sel):
-                buf = io.BytesIO()
-                Image.fromarray(pool.images[n]).save(buf, format="JPEG", quality=quality)
-                jpeg[j] = np.frombuffer(buf.getvalue(), np.uint8)
-            f.create_dataset("ids", data=[pool.ids[n] for n in sel], dtype=h5py.string_dtype())
-            f.create_dataset("keys", data=[pool.keys[n] for n in sel], dtype=h5py.string_dtype())
-        paths.append(path)
-    return paths
-
-
-def load_pool_from_packs(paths: list[str], label_columns: list[str], progress: bool = True) -> Pool:
-    """The pool stored in pack file(s); refuses packs whose class keys were built from other label
-    columns than `label_columns` (the checkpoint would record columns it was not trained on)."""
-    from PIL import Image
-
-    images, ids, keys, hashes = [], [], [], set()
-    for p in paths:
-        with h5py.File(p, "r") as f:
-            if f.attrs.get("format") != "cxr-embed-pack/1":
-                raise CxrEmbedError(f"{p} is not a cxr-embed pack")
-            packed = json.loads(f.attrs.get("label_columns", "null"))
-            if packed != list(label_columns):
-                raise CxrEmbedError(f"pack {p} holds labels of column(s) {packed}, but the config asks for "
-                                    f"{list(label_columns)}: rebuild the pack with `cxr-embed pack` and these columns")
-            hashes.add(str(f.attrs["data_hash"]))
-            blobs = f["jpeg"][:]
-            ids += [x.decode() if isinstance(x, bytes) else x for x in f["ids"][:]]
-            keys += [x.decode() if isinstance(x, bytes) else x for x in f["keys"][:]]
-        for b in tqdm(blobs, desc=f"unpacking {Path(p).name}", unit="img", disable=not progress, file=sys.stderr, mininterval=2.0):
-            images.append(np.asarray(Image.open(io.BytesIO(b.tobytes())).convert("L")))
-    if len(hashes) != 1:
-        raise CxrEmbedError(f"packs come from different data ({sorted(hashes)})")
-    order = np.argsort(ids, kind="stable")  # parts interleave rows; restore one canonical order
-    arr = np.stack(images)[order]
-    return Pool(arr, [ids[n] for n in order], [keys[n] for n in order], hashes.pop())
-
-
 # --- pieces of the training loop ------------------------------------------------------------------
-
-class ClassBalancedBatches:
-    """Batches of `classes_per_batch` classes x `per_class` images; deterministic per (seed, epoch, rank)."""
-
-    def __init__(self, labels: np.ndarray, batch_size: int, classes_per_batch: int, seed: int, rank: int = 0):
-        self.labels = labels
-        self.classes = np.unique(labels)
-        self.cpb = min(len(self.classes), classes_per_batch or max(2, batch_size // 4))
-        self.per_class = max(2, batch_size // self.cpb)
-        self.batch_size = self.cpb * self.per_class
-        self.by_class = {c: np.flatnonzero(labels == c) for c in self.classes}
-        self.seed, self.rank = seed, rank
-
-    def __len__(self) -> int:
-        return max(1, len(self.labels) // self.batch_size)
-
-    def epoch(self, epoch: int) -> list[np.ndarray]:
-        rng = np.random.default_rng([self.seed, epoch, self.rank])
-        perms = {c: rng.permutation(ix) for c, ix in self.by_class.items()}
-        cursor = {c: 0 for c in self.classes}
-        batches = []
-        for _ in range(len(self)):
-            chosen = rng.choice(self.classes, size=self.cpb, replace=False)
-            parts = []
-            for c in chosen:
-                ix = perms[c]
-                if cursor[c] + self.per_class > len(ix):
-                    perms[c] = ix = rng.permutation(ix)
-                    cursor[c] = 0
-                take = ix[cursor[c] : cursor[c] + self.per_class]
-                if len(take) < self.per_class:  # a class smaller than per_class: sample with replacement
-                    take = rng.choice(ix, self.per_class, replace=True)
-                cursor[c] += self.per_class
-                parts.append(take)
-            batches.append(np.concatenate(parts))
-        return batches
-
 
 class ProjectionHead(nn.Module):
     def __init__(self, dim: int, hidden: int, out: int):
@@ -318,23 +177,33 @@ def embed_uint8(backbone: nn.Module, images: np.ndarray, device: torch.device, b
 
 
 def quick_probe_auc(emb: np.ndarray, keys: list[str]) -> float | None:
-    """5-fold cross-validated AUC of a logistic regression on held-aside embeddings (binary keys only)."""
+    """5-fold cross-validated AUC of a logistic regression on held-aside embeddings: binary keys as
+    they are, several classes as the macro one-vs-rest AUC over the classes with 5 or more images."""
     from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    from sklearn.metrics import roc_auc_score
 
-    classes = sorted(set(keys))
-    if len(classes) != 2 or min(keys.count(c) for c in classes) < 5:
+    counts = Counter(keys)
+    classes = sorted(c for c, n in counts.items() if n >= 5)
+    if len(classes) < 2:
         return None
-    y = np.array([classes.index(k) for k in keys])
+    rows = [i for i, k in enumerate(keys) if k in classes]
+    y = np.array([classes.index(keys[i]) for i in rows])
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=2000))
-    scores = cross_val_predict(clf, emb, y, cv=StratifiedKFold(5, shuffle=True, random_state=0), method="decision_function")
-    return float(roc_auc_score(y, scores))
+    cv = StratifiedKFold(5, shuffle=True, random_state=0)
+    if len(classes) == 2:
+        scores = cross_val_predict(clf, emb[rows], y, cv=cv, method="decision_function")
+        return float(roc_auc_score(y, scores))
+    probs = cross_val_predict(clf, emb[rows], y, cv=cv, method="predict_proba")
+    return float(roc_auc_score(y, probs, multi_class="ovr", average="macro"))
 
 
 def _git_commit() -> str:
+    """This code's commit: git's answer, else CXR_EMBED_GIT_COMMIT (set where the code is a copy without git)."""
+    if os.environ.get("CXR_EMBED_GIT_COMMIT"):
+        return os.environ["CXR_EMBED_GIT_COMMIT"]
     try:
         proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
                               text=True, timeout=10)
@@ -399,31 +268,46 @@ def split_pool(pool: Pool, cfg: PretrainConfig, log) -> tuple[np.ndarray, np.nda
     return hold, train_ix, labels_all
 
 
+RESUME_KEYS = ("labels", "packs", "label_columns", "label_map", "exclude", "balance_by", "balance_alpha", "base_model",
+               "input_size", "batch_size", "classes_per_batch", "min_class_count", "seed", "holdout", "max_images")
+
+
 class Trainer:
     """One SupCon pretraining run: model, optimiser, loss and the resumable state of the loop."""
 
     def __init__(self, cfg: PretrainConfig, progress: bool = True):
         self.cfg, self.progress = cfg, progress
         self.device, self.rank, self.world = _start_processes(cfg)
+        self.threads = torch.get_num_threads()  # the quick probe (scikit-learn) may change it: loop() restores it
         self.is_main = self.rank == 0
         self.out_dir = Path(cfg.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.log = RunLog(self.out_dir / "log.jsonl", self.is_main)
         self.ckpt_path = self.out_dir / "last.pt"
-        self.pool = load_pool_from_packs(cfg.packs, cfg.label_columns, progress and self.is_main) if cfg.packs \
+        self.pool = load_pool_from_packs(cfg, progress and self.is_main) if cfg.packs \
             else load_pool_from_csv(cfg, progress and self.is_main)
         if self.pool.failed:
             self.log({"event": "skipped_images", "count": len(self.pool.failed),
                       "examples": dict(list(self.pool.failed.items())[:5])})
         self.hold, self.train_ix, self.labels_all = split_pool(self.pool, cfg, self.log)
         self._build_model()
+        groups = self.pool.groups(cfg.balance_by)
         self.batches = ClassBalancedBatches(self.labels_all[self.train_ix], cfg.batch_size, cfg.classes_per_batch,
-                                            cfg.seed, self.rank)
+                                            cfg.seed, self.rank, None if groups is None else groups[self.train_ix],
+                                            cfg.balance_alpha)
         self.steps_per_epoch = len(self.batches)
         self.total_steps = self.steps_per_epoch * cfg.epochs
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
-        self.step, self.history, self.train_seconds = 0, [], 0.0
+        self.step, self.history, self.train_seconds, self.stopped_early = 0, [], 0.0, False
+
+    def composition(self) -> dict:
+        """Training images per class and, with balance_by, per group: {class: {group: [images, share]}}."""
+        b, keys = self.batches, sorted(set(self.pool.keys))
+        if not self.cfg.balance_by:
+            return {keys[c]: int(len(b.cells[c][0])) for c in b.classes}
+        return {keys[c]: {g: [len(ix), round(float(share), 4)] for g, ix, share in
+                          zip(b.group_names[c], b.cells[c], b.shares[c])} for c in b.classes}
 
     def _build_model(self) -> None:
         from pytorch_metric_learning.losses import SupConLoss
@@ -431,7 +315,9 @@ class Trainer:
         cfg, device = self.cfg, self.device
         self.base = create_model(cfg.base_model)
         self.backbone = self.base.backbone.to(device)
-        self.head = ProjectionHead(self.base.dim, cfg.projection_hidden, cfg.projection_dim).to(device)
+        with torch.random.fork_rng(devices=[]):  # the head's initial weights follow the seed, nothing else changes
+            torch.manual_seed(cfg.seed)
+            self.head = ProjectionHead(self.base.dim, cfg.projection_hidden, cfg.projection_dim).to(device)
         self.frozen = freeze_stages(self.backbone, cfg.freeze_blocks)
         if device.type == "cuda":
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
@@ -459,11 +345,21 @@ class Trainer:
         except Exception as exc:  # torch raises several kinds on a damaged or foreign file
             raise CxrEmbedError(f"cannot resume from {self.ckpt_path}: {type(exc).__name__}: {exc}; "
                                 "delete it to start over") from None
+        self._check_same_run(state.get("config", {}))
         self.backbone.load_state_dict(state["backbone"])
         self.head.load_state_dict(state["head"])
         self.opt.load_state_dict(state["optimizer"])
         self.step, self.history, self.train_seconds = state["step"], state["history"], state["train_seconds"]
         self.log({"event": "resumed", "step": self.step, "from": str(self.ckpt_path)})
+
+    def _check_same_run(self, saved: dict) -> None:
+        """Refuse to resume a run whose data, classes or batches the config now defines differently."""
+        now = self.cfg.to_dict()
+        changed = [k for k in RESUME_KEYS if k in saved and saved[k] != now[k]]
+        if changed:
+            raise CxrEmbedError(f"{self.ckpt_path} was written by a run with other {', '.join(changed)} "
+                                f"({', '.join(f'{k}={saved[k]!r}' for k in changed)}): use another out_dir, "
+                                "or delete it to start over")
 
     def save_state(self) -> None:
         if not self.is_main:
@@ -478,11 +374,14 @@ class Trainer:
         """The quick linear-probe AUC on the holdout, logged and kept in the history."""
         if not self.is_main or len(self.hold) == 0:
             return
+        model_threads(self.threads)
         emb = embed_uint8(self.backbone, self.pool.images[self.hold], self.device)
-        auc = quick_probe_auc(emb, [self.pool.keys[n] for n in self.hold])
-        self.history.append({"step": self.step, "when": tag, "holdout_auc": auc})
-        self.log({"event": "quick_probe", "step": self.step, "when": tag, "holdout_auc": auc,
-                  "holdout_images": int(len(self.hold))})
+        record = {"step": self.step, "when": tag,
+                  "holdout_auc": quick_probe_auc(emb, [self.pool.keys[n] for n in self.hold])}
+        if "source" in self.pool.columns:  # how well the pool's collection is told from the embedding
+            record["holdout_source_auc"] = quick_probe_auc(emb, [self.pool.columns["source"][n] for n in self.hold])
+        self.history.append(record)
+        self.log({"event": "quick_probe", **record, "holdout_images": int(len(self.hold))})
 
     # --- the loop -------------------------------------------------------------------------------
 
@@ -491,7 +390,9 @@ class Trainer:
         cfg, device = self.cfg, self.device
         epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
         idx = self.train_ix[self.batches.epoch(epoch)[in_epoch]]
-        gen.manual_seed(cfg.seed * 1_000_003 + self.step * 31 + self.rank)
+        step_seed = cfg.seed * 1_000_003 + self.step * 31 + self.rank
+        gen.manual_seed(step_seed)  # the augmentations
+        torch.manual_seed(step_seed + 1)  # dropout (timm's drop_rate on the pooled features); loop() forks the RNG
         lr = lr_at(self.step, self.total_steps, cfg.lr, cfg.warmup_steps)
         for g in self.opt.param_groups:
             g["lr"] = lr * g["lr_mult"]
@@ -525,16 +426,27 @@ class Trainer:
             self.probe(f"epoch {epoch}")
 
     def loop(self) -> None:
+        model_threads(self.threads)  # measured: after the start probe, training ran on 1 thread without this
         images_dev = torch.from_numpy(self.pool.images).to(self.device)  # uint8; 19k x 224^2 is 1 GB
         gen = torch.Generator(device=self.device)
         self.backbone.train()
         for m in self.frozen:
             m.eval()
-        t_log, n_log = time.perf_counter(), 0
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="pretraining",
                    disable=not (self.progress and self.is_main), file=sys.stderr, mininterval=5.0)
+        rng_devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=rng_devices):  # per-step seeds, and the caller's RNG state kept
+            self._steps(images_dev, gen, bar)
+
+    def _steps(self, images_dev: torch.Tensor, gen: torch.Generator, bar) -> None:
+        t_log, n_log = time.perf_counter(), 0
         try:
             while self.step < self.total_steps:
+                if self._time_up():
+                    self.stopped_early = True
+                    self.log({"event": "stopped_early", "step": self.step, "of_steps": self.total_steps,
+                              "train_seconds": round(self.train_seconds, 1)})
+                    break
                 t0 = time.perf_counter()
                 loss, lr, n = self.train_step(images_dev, gen)
                 n_log += n
@@ -552,6 +464,19 @@ class Trainer:
             bar.close()
             self.save_state()
 
+    def _time_up(self) -> bool:
+        """max_train_seconds reached (every process stops at the same step under torchrun)."""
+        if not self.cfg.max_train_seconds:
+            return False
+        up = self.train_seconds >= self.cfg.max_train_seconds
+        if self.world == 1:
+            return up
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(up)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     def finish(self) -> Path:
         """The final probe and the fp16 safetensors checkpoint with its provenance."""
         self.probe("end")
@@ -564,7 +489,8 @@ class Trainer:
                 "base_model": self.cfg.base_model, "config": self.cfg.to_dict(), "data_hash": self.pool.data_hash,
                 "train_images": int(len(self.train_ix)), "git_commit": _git_commit(),
                 "train_seconds": round(self.train_seconds, 1), "hardware": _hardware(self.device, self.world),
-                "quick_probe": self.history, "torch": torch.__version__,
+                "quick_probe": self.history, "torch": torch.__version__, "classes": self.composition(),
+                "steps": self.step, "planned_steps": self.total_steps, "stopped_early": self.stopped_early,
             })
             self.log({"event": "done", "checkpoint": str(final), "train_seconds": round(self.train_seconds, 1)})
         if self.world > 1:
@@ -582,7 +508,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     trainer.log({"event": "start", "images": len(trainer.train_ix), "holdout": int(len(trainer.hold)),
                  "classes": len(np.unique(trainer.labels_all[trainer.train_ix])), "batch_size": trainer.batches.batch_size,
                  "steps": trainer.total_steps, "device": str(trainer.device), "world": trainer.world,
-                 "data_hash": trainer.pool.data_hash})
+                 "data_hash": trainer.pool.data_hash, "composition": trainer.composition()})
     if trainer.step == 0:
         trainer.probe("start")
     trainer.loop()

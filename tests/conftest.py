@@ -67,3 +67,29 @@ def tb_store(shared, tmp_path_factory):
                  "--out", str(out), "--model", "imagenet-effnet-lite0", "--no-progress"])
     assert code == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def pool_by_source(shared, tmp_path_factory) -> Path:
+    """A small real pool: 6 rows of each (source, class of configs/finding-classes.yaml) pair of
+    ../shared/data/pretrain.csv (8 pairs, 48 rows), seeded; every column of the pool CSV kept."""
+    import csv
+    import re
+
+    import numpy as np
+    import yaml
+
+    rows = list(csv.DictReader(open(shared / "pretrain.csv", newline="")))
+    patterns = list(yaml.safe_load((ROOT / "configs" / "finding-classes.yaml").read_text()).items())
+    cells: dict = {}
+    for r in rows:
+        cls = next(c for p, c in patterns if re.match(p, r["finding"]))
+        cells.setdefault((r["source"], cls), []).append(r)
+    rng = np.random.default_rng(0)
+    pick = [cell[i] for key in sorted(cells) for cell in [cells[key]] for i in sorted(rng.choice(len(cell), 6, replace=False))]
+    path = tmp_path_factory.mktemp("pool_by_source") / "pool.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(pick)
+    return path

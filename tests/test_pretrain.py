@@ -33,6 +33,7 @@ def small_pool(shared, tmp_path_factory):
 
 
 def _config(tmp_path, pool, shared, **kw):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     cfg = {"labels": str(pool), "image_root": str(shared), "out_dir": str(tmp_path / "run"), "input_size": 64,
            "batch_size": 16, "epochs": 3, "holdout": 10, "log_every": 1, "checkpoint_every": 1, "warmup_steps": 2,
            "threads": 2, **kw}
@@ -111,3 +112,57 @@ def test_torchrun_ddp_on_cpu_with_gloo(tmp_path, small_pool, shared):
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert [e for e in log if e["event"] == "start"][0]["world"] == 2
     assert (tmp_path / "run" / "cxr-supcon-effnet-lite0.safetensors").exists()
+
+
+FINDINGS = {"label_columns": ["finding"], "label_map": "configs/finding-classes.yaml"}
+
+
+def test_finer_labels_and_source_balance_from_a_pack_are_recorded(tmp_path, pool_by_source, shared, monkeypatch):
+    """Train from a pack built for `abnormal` with the finer classes and source-balanced batches: the
+    checkpoint records the map, the per-source composition and the data hash the CSV gives."""
+    from cxr_embed.pool import build_pack, load_pool_from_csv
+    from conftest import ROOT
+
+    monkeypatch.chdir(ROOT)  # label_map's path is relative to the current folder, as in the configs
+    parts = build_pack(PretrainConfig.from_dict({"labels": str(pool_by_source), "image_root": str(shared),
+                                                 "input_size": 64}), tmp_path / "pool.h5", parts=2, progress=False)
+    settings = {**FINDINGS, "balance_by": ["source"], "min_class_count": 2, "max_steps": 1}
+    cfg = _config(tmp_path, pool_by_source, shared, packs=[str(p) for p in parts], **settings)
+    assert main(["pretrain", "--config", str(cfg), "--no-progress"]) == 0
+    meta = read_checkpoint_metadata(tmp_path / "run" / "cxr-supcon-effnet-lite0.safetensors")
+    recorded = json.loads(meta["config"])
+    assert recorded["label_map"][0] == ["Normal$", "normal"] and recorded["balance_by"] == ["source"]
+    csv_pool = load_pool_from_csv(PretrainConfig.from_dict({**recorded, "packs": []}), progress=False)
+    assert meta["data_hash"] == csv_pool.data_hash
+    composition = json.loads(meta["classes"])
+    assert set(composition) == {"normal", "covid19", "tuberculosis", "bacterial_pneumonia", "viral_pneumonia"}
+    assert set(composition["covid19"]) == {"covid19_radiography_db", "covid_cxnet", "hannover_mhh"}
+    assert all(share == pytest.approx(1 / 3, abs=1e-3) for _, share in composition["covid19"].values())
+
+
+def test_a_resumed_source_balanced_run_ends_where_an_unbroken_one_does(tmp_path, pool_by_source, shared, monkeypatch,
+                                                                     capsys):
+    from conftest import ROOT
+
+    monkeypatch.chdir(ROOT)
+    settings = {**FINDINGS, "balance_by": ["source"], "min_class_count": 2, "holdout": 5}
+    runs = {}
+    for name, stops in (("straight", [3]), ("resumed", [2, 3])):
+        cfg = _config(tmp_path / name, pool_by_source, shared, **settings)
+        for stop in stops:
+            assert main(["pretrain", "--config", str(cfg), "--set", f"max_steps={stop}", "--no-progress"]) == 0
+        runs[name] = create_model(str(tmp_path / name / "run" / "cxr-supcon-effnet-lite0.safetensors")).weights_hash
+    assert runs["straight"] == runs["resumed"]
+    changed = _config(tmp_path / "resumed", pool_by_source, shared, **{**settings, "balance_by": []})
+    assert main(["pretrain", "--config", str(changed), "--set", "max_steps=4", "--no-progress"]) != 0
+    assert "was written by a run with other balance_by (balance_by=['source'])" in capsys.readouterr().err
+
+
+def test_a_time_limit_ends_the_run_with_a_marked_checkpoint(tmp_path, small_pool, shared):
+    cfg = _config(tmp_path, small_pool, shared, max_train_seconds=1e-6, probe_every=0)
+    assert main(["pretrain", "--config", str(cfg), "--no-progress"]) == 0
+    meta = read_checkpoint_metadata(tmp_path / "run" / "cxr-supcon-effnet-lite0.safetensors")
+    assert json.loads(meta["stopped_early"]) is True and json.loads(meta["steps"]) == 1
+    assert json.loads(meta["planned_steps"]) == 3 * 2  # 3 epochs of 38 training images in batches of 16
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert [e["step"] for e in log if e["event"] == "stopped_early"] == [1]
