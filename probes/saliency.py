@@ -66,7 +66,7 @@ def grad_cam(model: EmbeddingModel, x: torch.Tensor, weight: np.ndarray, bias: f
     input (3, S, S): the signed map of cells (S/32 x S/32, float64) and the score."""
     backbone = model.backbone
     device = next(backbone.parameters()).device
-    x = x[None].to(device)
+    x = torch.as_tensor(x)[None].to(device)  # numpy (what the runtime prepares) or a tensor
     if device.type == "cpu":
         x = x.contiguous(memory_format=torch.channels_last)  # as the runtime runs it
     with torch.no_grad():
@@ -113,6 +113,7 @@ def occlusion(forward: Callable[[torch.Tensor], np.ndarray], score: Callable[[np
               progress: bool = True, base: float | None = None) -> tuple[np.ndarray, float, int]:
     """Occlusion map of `score(forward(inputs))` for one input (3, S, S): (map S x S of mean score
     drops, float64, 0 over the padding; the unoccluded score (`base` when given); forward passes run)."""
+    x = torch.as_tensor(x)  # numpy (what the runtime prepares) or a tensor
     size = x.shape[-1]
     mask_np = content_mask(box, size)
     mask = torch.from_numpy(mask_np)

@@ -62,7 +62,7 @@ def test_grad_cam_matches_captum_and_adds_up_to_the_probe_score(runtime):
     image = example_image_path()
     e = explain_image(image, runtime=runtime, progress=False)
     probe = load_probe(example_probe_path())
-    x = runtime.prepare(image).tensor
+    x = torch.as_tensor(runtime.prepare(image).tensor)  # the runtime prepares numpy arrays
     w, b = linear_direction(probe, 1)
     cells, score = grad_cam(runtime.model, x, w, b)
     # captum: hooks on the layer (the backbone's bn2 output), our code splits forward_features / forward_head
@@ -89,7 +89,7 @@ def _masked_drops(runtime, probe, image, saliency, lowest: bool, n_random: int =
     or the most negative with `lowest`, is set to the image's mean grey; and the drops of n_random
     random squares of the same size inside the image."""
     prepared = runtime.prepare(image)
-    x = prepared.tensor
+    x = torch.as_tensor(prepared.tensor)
     top, left, rows, cols = letterbox_box(*prepared.info.original_size, 224)
     fill = float(x[0][torch.from_numpy(content_mask((top, left, rows, cols), 224))].mean())
     m = -saliency if lowest else np.maximum(saliency, 0.0)
@@ -130,7 +130,7 @@ def test_occlusion_of_a_gbm_probe_is_the_score_drop_of_each_patch(gbm_probe, dic
     assert not e.saliency[~mask].any() and np.abs(e.saliency[mask]).max() > 0
     # by hand, through the public Embedder: the model's input as a 224 px grey array (letterboxed as it
     # is) with one patch of the image greyed; the padding is left black
-    grey = (preprocess(load_image(dicom))[0] * 0.5 + 0.5).clamp(0.0, 1.0).numpy()
+    grey = np.clip(preprocess(load_image(dicom))[0] * 0.5 + 0.5, 0.0, 1.0)
     fill = float(grey[mask].mean())
     base = float(class_scores(probe, embedder.embed([grey]), 1)[0])
     assert e.score == pytest.approx(base, abs=0.02)

@@ -152,7 +152,7 @@ def test_cache_holds_the_canonical_input_and_is_rebuilt_when_images_change(tiny,
     model = create_model("imagenet-effnet-lite0")
     cache = open_or_build(tmp_path / "c.h5", images, root, model, progress=False)
     rt = Runtime(RuntimeSettings(device="cpu"), model=model)
-    want = torch.stack([rt.prepare(root / i).tensor for i in images])
+    want = torch.stack([torch.as_tensor(rt.prepare(root / i).tensor) for i in images])
     got = canonical(cache.planes(images[::-1]), 0.5, 0.5).flip(0)  # any order, the same planes
     assert cache.planes(images).dtype == torch.float16
     assert float((got - want).abs().max()) < 5e-4  # float16's step, in the canonical (x - 0.5) / 0.5 units
