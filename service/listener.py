@@ -213,7 +213,17 @@ class Listener:
             deadline = time.monotonic() + self.settings.stop_grace_s
             while self._ae.active_associations and time.monotonic() < deadline:
                 time.sleep(0.05)
-            self._ae.shutdown()  # aborts what is left
+            left = len(self._ae.active_associations)
+            if left:
+                log.warning("stopping: aborting %d association(s) still sending; instances not yet acknowledged "
+                            "are not stored (their senders see the abort and can send them again)", left)
+            dul = logging.getLogger("pynetdicom.dul")
+            level = dul.level  # an aborted read in pynetdicom's reader thread logs a traceback: expected here
+            dul.setLevel(logging.CRITICAL)
+            try:
+                self._ae.shutdown()  # aborts what is left
+            finally:
+                dul.setLevel(level)
             self._server = None
         with self._lock:  # handlers already running get their answer (or their commit) first
             self._lock.wait_for(lambda: self._in_handlers == 0, timeout=2 * self.settings.wait_s)
