@@ -33,7 +33,7 @@ from typing import Iterable, Iterator
 from .batch import EmbedProgress, EmbedSummary, InputItem, embed_into
 from .errors import ConfigError, CxrEmbedError, DistributedJobError, MissingDependency, StoreError
 from .identity import ModelIdentity
-from .journal import journal_path
+from .journal import journal_path, remove_journal
 from .runtime import RuntimeSettings
 from .store import Store, StoreWriter, check_identity, merge_stores
 
@@ -287,9 +287,9 @@ def merge_shards(out: Path) -> Store | None:
     if not shards:
         return Store(out) if out.exists() else None
     store = merge_stores(shards, out)
-    leftovers = sorted(folder.glob(SHARD_GLOB + ".tmp")) + [journal_path(p) for p in shards if journal_path(p).exists()]
-    for path in shards + leftovers:  # once durable in `out` (a kill before: merged again); a killed actor's journal too
+    for path in shards + sorted(folder.glob(SHARD_GLOB + ".tmp")):  # once durable in `out` (a kill before: merged again)
         path.unlink()
+        remove_journal(journal_path(path))  # a killed actor's journal, whose rows are in `out` now
     try:
         folder.rmdir()
     except OSError:  # something else in it: left alone
