@@ -199,7 +199,9 @@ def main() -> None:
                 print(f"round {r + 1}: embed {embed:.2f} img/s", flush=True)
                 for kind in args.senders:
                     for k in (1, 4):
-                        for v in variants:  # innermost: the variants compared back to back
+                        # innermost: the variants compared back to back, in turns (the first run after
+                        # `embed` was measured slower whichever variant it was)
+                        for v in (variants if r % 2 == 0 else variants[::-1]):
                             m = send(v, kind, args.n, k, sender_py)
                             print(f"  {kind:>10} senders, {k} association(s), {v.name:>12}: {m['rate']:6.2f} inst/s "
                                   f"({m['rate'] / embed:.2f}x embed); CPU s per instance: listener "

@@ -18,6 +18,7 @@ import io
 import logging
 import math
 import re
+import struct
 import threading
 import warnings
 import zlib
@@ -28,8 +29,10 @@ from typing import Any
 import numpy as np
 import pydicom
 import pydicom.pixels  # noqa: F401  (imports pydicom's pixel loggers, filtered below)
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.tag import Tag
 from pydicom.filereader import read_dataset, read_preamble
 from pydicom.pixels import apply_color_lut
 from pydicom.pixels.utils import _get_jpg_parameters  # pydicom's own JPEG/JPEG-LS header parser
@@ -52,6 +55,7 @@ LOG = logging.getLogger(__name__)
 _GREY = {"MONOCHROME1", "MONOCHROME2"}
 _COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "PALETTE COLOR"}
 _NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}  # implicit / explicit VR little endian
+_EXPLICIT_LE = "1.2.840.10008.1.2.1"
 _DEFLATED = "1.2.840.10008.1.2.1.99"
 _J2K = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
         "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"}
@@ -203,7 +207,8 @@ def _parse(data: bytes, max_pixels: int) -> Dataset:
     try:
         if looks_like_dicom(data) and _DEFLATED.encode() in data[132:4096]:
             return _read_deflated(data, inflate_bound(max_pixels))
-        return pydicom.dcmread(io.BytesIO(data), force=not looks_like_dicom(data))
+        native = _read_native(data) if looks_like_dicom(data) else None
+        return native if native is not None else pydicom.dcmread(io.BytesIO(data), force=not looks_like_dicom(data))
     except InvalidDicomError as exc:
         raise NotAnImage("not a DICOM file (no DICOM header found)") from exc
     except InputError:
@@ -215,6 +220,32 @@ def _parse(data: bytes, max_pixels: int) -> Dataset:
         raise TruncatedImage(f"DICOM file is truncated or malformed ({type(exc).__name__} while parsing)") from None
     except Exception as exc:  # pydicom raises many kinds on malformed data elements
         raise TruncatedImage(f"DICOM file is malformed ({type(exc).__name__} while parsing)") from None
+
+
+def _read_native(data: bytes) -> Dataset | None:
+    """Explicit VR little endian with its pixel data in one element of defined length that fits the file:
+    the header parsed by pydicom up to the pixel data, which is then a view of `data`, not a copy (a
+    radiograph's 7 MB were copied while this module's warning lock was held: decoding threads waited
+    on each other), and what follows it parsed by pydicom. None for anything else (then pydicom reads
+    the whole file as before)."""
+    fp = io.BytesIO(data)
+    ds = pydicom.dcmread(fp, stop_before_pixels=True)
+    pos = fp.tell()
+    if str(ds.file_meta.get("TransferSyntaxUID", "")) != _EXPLICIT_LE or len(data) < pos + 12:
+        return None
+    group, element, vr = *struct.unpack_from("<HH", data, pos), bytes(data[pos + 4 : pos + 6])
+    length = struct.unpack_from("<L", data, pos + 8)[0]
+    start = pos + 12
+    if (group, element) != (0x7FE0, 0x0010) or vr not in (b"OB", b"OW") or start + length > len(data):
+        return None  # undefined length (encapsulated) is 0xFFFFFFFF: never fits
+    try:
+        tail = read_dataset(io.BytesIO(data[start + length :]), is_implicit_VR=False, is_little_endian=True)
+    except Exception:  # what follows does not parse: pydicom's whole read says how, as before
+        return None
+    ds[0x7FE00010] = RawDataElement(Tag(0x7FE00010), vr.decode(), length, memoryview(data)[start : start + length],
+                                    start, False, True)
+    ds.update(tail)
+    return ds
 
 
 def _read_deflated(data: bytes, bound: int) -> Dataset:

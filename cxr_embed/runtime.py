@@ -71,6 +71,9 @@ class RuntimeSettings:
     # arithmetic of the model: "f32", or "bf16" (openvino only, opt-in: faster, embeddings off by up to ~0.5)
     precision: str = "f32"
     model_threads: int = 0  # threads running the model; 0: torch's default (one per core)
+    # torch on the CPU: run a frozen TorchScript copy of the model (exact; checked when traced), whose
+    # forward pass does not take Python's GIL back after every op (torch_backend.TorchNetwork)
+    torchscript: bool = True
     cpu_chunk: int = 0  # on the CPU, images per model call; 0: the backend's best (CPU_CHUNK, OPENVINO_CHUNK)
     # on the CPU, threads that share a batch's model calls, each running torch on one thread;
     # 0: auto (one per model thread on up to 4 cores, else 1); 1: one team of threads for everything
@@ -80,6 +83,8 @@ class RuntimeSettings:
     max_pixels: int = MAX_PIXELS  # images declaring more (rows x columns x frames x samples) are refused before decoding
 
     def __post_init__(self):
+        if not isinstance(self.torchscript, bool):
+            raise ConfigError(f"torchscript must be True or False, not {self.torchscript!r}")
         aliases = {"1": "always", "0": "never", "true": "always", "false": "never"}
         value = str(self.image_check).strip().lower()
         value = aliases.get(value, value)
@@ -192,13 +197,15 @@ class Runtime:
         base = model if model is not None else create_model(self.settings.model, device="cpu")
         # an inference copy (BatchNorm folded, channels_last on the CPU): the caller's model is left as it was
         self.model = inference_model(base, self.device)
-        self.network = TorchNetwork(self.model, self.device)
+        self.network = TorchNetwork(self.model, self.device, script=self.settings.torchscript)
+        self.network.prepare((3, self.model.preprocess.size, self.model.preprocess.size))
         self.check_network = self.reference = self.check_model = None
         if self.settings.image_check != "never":
             self.check_model = self.model if self.model.name == CHECK_MODEL else \
                 inference_model(create_model(CHECK_MODEL, device="cpu"), self.device)
             self.reference = self._reference(self.check_model)
-            self.check_network = TorchNetwork(self.check_model, self.device)
+            self.check_network = TorchNetwork(self.check_model, self.device, script=self.settings.torchscript)
+            self.check_network.prepare((3, self.reference.size, self.reference.size))
 
     def _build_openvino(self, model) -> None:
         from .openvino_backend import open_network

@@ -31,6 +31,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
+from pynetdicom.dsutils import encode_file_meta
 
 from cxr_embed.chest import is_reliable
 from cxr_embed.errors import ConfigError, CxrEmbedError
@@ -44,6 +45,7 @@ from .dimse import (PROCESSING_FAILURE, RADIOGRAPH_SOP_CLASSES, SUCCESS, VERIFIC
                     status_dataset, status_of)
 from .engine import Engine
 from .pdu_limits import bound_connection
+from .reactor import FragmentIO, wait_not_poll
 from .settings import ServiceSettings
 
 log = logging.getLogger("cxr_embed.listener")
@@ -180,7 +182,7 @@ class Listener:
         self.engine = engine
         self._ae = self._build_ae()
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, _on_echo),
-                    (evt.EVT_CONN_OPEN, bound_connection, [self.settings.max_pdu, self.settings.max_instance_bytes])]
+                    (evt.EVT_CONN_OPEN, _on_open, [self.settings.max_pdu, self.settings.max_instance_bytes])]
         try:
             self._server = self._ae.start_server((self.settings.host, self.settings.port), block=False,
                                                  evt_handlers=handlers)
@@ -269,7 +271,7 @@ class Listener:
         return status, reason
 
     def _embed(self, event, image_id: str) -> Record:
-        data = event.encoded_dataset(include_meta=True)
+        data = received_file(event)
         if len(data) > self.settings.max_instance_bytes:
             raise InstanceTooLarge(f"{len(data)} bytes: more than the limit of {self.settings.max_instance_bytes}")
         header = read_header(data)
@@ -312,6 +314,24 @@ class Listener:
                      len(scores))
         else:
             log.warning("C-STORE 0x%04X refused: %s", status, (reason or "").split(":", 1)[0])
+
+
+def _on_open(event, max_pdu: int, max_message: int) -> None:
+    """A connection opened (before its association's threads start): bound what the peer may send
+    (`pdu_limits.py`), and let its threads wait rather than poll (`reactor.py`)."""
+    bound_connection(event, max_pdu, max_message)
+    wait_not_poll(event.assoc)
+
+
+def received_file(event) -> bytes:
+    """The received instance as a DICOM file (preamble, file meta, data set), copied once (pynetdicom's
+    `encoded_dataset` copies the data set twice)."""
+    meta = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(event.file_meta)))
+    data_set = event.request.DataSet
+    if isinstance(data_set, FragmentIO):
+        return data_set.with_prefix(meta)
+    with data_set.getbuffer() as stream:
+        return b"".join((meta, stream))
 
 
 def _on_echo(event) -> int:

@@ -46,7 +46,7 @@ class PduReader:
                 pos += step
                 continue
             need = 6 - len(self._head)
-            self._head += data[pos : pos + need]
+            self._head += bytes(data[pos : pos + need])
             pos += need
             if len(self._head) == 6:
                 self._header(self._head)
@@ -129,6 +129,10 @@ class BoundedSocket:
         if self._over:
             return b""
         data = self._sock.recv(bufsize, *flags)
+        return data if self._feed(data) else b""
+
+    def _feed(self, data) -> bool:
+        """Follow received bytes; False (and the connection shut) once the peer is over a limit."""
         try:
             self._in.feed(data)
         except PeerOverLimit as exc:
@@ -138,8 +142,17 @@ class BoundedSocket:
                 self._sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            return b""
-        return data
+            return False
+        return True
+
+    def recv_into(self, buffer, nbytes: int = 0, *flags) -> int:
+        if self._over:
+            return 0
+        n = self._sock.recv_into(buffer, nbytes, *flags)
+        with memoryview(buffer) as view:
+            if not self._feed(view[:n]):
+                return 0
+        return n
 
     def send(self, data, *flags) -> int:
         sent = self._sock.send(data, *flags)

@@ -104,6 +104,12 @@ class ServiceSettings:
 
 def _parse(f, raw: str):
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if kind == "bool":
+        value = {"1": True, "true": True, "yes": True, "on": True,
+                 "0": False, "false": False, "no": False, "off": False}.get(raw.strip().lower())
+        if value is None:
+            raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}={raw!r}: expected 1/0, true/false, yes/no or on/off")
+        return value
     try:
         if kind.startswith("int"):
             return int(raw)

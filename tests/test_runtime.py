@@ -21,13 +21,13 @@ def test_engine_batches_match_single_images(samples, dcm_dir, cpu_workers):
         wants = [i % 3 != 1 for i in range(len(files))]
         helper_threads = set()
         if cpu_workers > 1:  # the helper really takes part
-            original = rt.model.forward
+            original = rt.network  # the model as the runtime calls it (eager, or its TorchScript copy)
 
             def spy(*args, **kw):
                 helper_threads.add(threading.current_thread().name)
                 return original(*args, **kw)
 
-            rt.model.forward = spy
+            rt.network = spy
         embs, checks = rt.forward(x, wants)
         assert len(helper_threads) == (2 if cpu_workers > 1 else 0)
         for i in range(len(files)):

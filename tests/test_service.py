@@ -326,7 +326,7 @@ def test_a_failing_helper_fails_its_batch_not_the_batcher(samples):
     engine.load()
     try:
         jpgs = [("a.jpg", p.read_bytes()) for p in sorted(samples.glob("*.jpg"))[:4]]
-        original = engine.runtime.check_model.forward
+        original = engine.runtime.check_network  # the check network as the runtime calls it
 
         def broken(x):
             if threading.current_thread().name.startswith("cxr-model"):  # the helper, not the batcher
@@ -334,10 +334,10 @@ def test_a_failing_helper_fails_its_batch_not_the_batcher(samples):
             time.sleep(0.3)  # the batcher dawdles: the helper surely takes a check call meanwhile
             return original(x)
 
-        engine.runtime.check_model.forward = broken
+        engine.runtime.check_network = broken
         with pytest.raises(RuntimeError, match="simulated failure"):
             asyncio.run(engine.process(jpgs))
-        engine.runtime.check_model.forward = original
+        engine.runtime.check_network = original
         results = asyncio.run(engine.process(jpgs))
         assert all(r.error is None and r.embedding is not None and r.chest.checked_by == ["image"] for r in results)
     finally:

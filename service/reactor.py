@@ -1,0 +1,342 @@
+"""Waits instead of polling in pynetdicom's two threads per association, and large socket reads.
+
+pynetdicom (2.x, 3.x) runs each association in two Python threads that poll: the DUL reader wakes every
+millisecond to ask the socket (`select` with a zero timeout) and its outgoing queue whether there is
+work, the association's reactor wakes every millisecond to ask its DIMSE queue; and a PDU is read from
+the socket 4 KiB per `recv` call. Each wake and each read takes the GIL, so with four associations the
+listener spent more CPU in these loops than in decoding (BENCHMARKS.md, "DICOM listener").
+
+`wait_not_poll(assoc)`, called when the connection opens (before either thread starts), changes only
+this association's objects, and only how they wait:
+- the transport's `ready` (the DUL's "is there data?") waits in `select` on the socket and on a wake-up
+  socket pair, up to IDLE_WAIT_S, when the DUL has no event or primitive queued; every `put` on the
+  DUL's event and outgoing queues writes a byte to the pair, so a queued reply or abort wakes it at once;
+- its `recv(n)` is served from a read-ahead buffer that each socket read fills with all the socket
+  holds (up to READ_AHEAD), instead of 4 KiB `recv` calls: several PDUs per system call, and so per
+  time the reader must win the GIL back from the decoding and model threads;
+- each PDU is read into one buffer of its size (pynetdicom appends it to the header's, a second copy);
+- a received P-DATA-TF PDU is split into its PDV items as views of the bytes read, not copies
+  (pynetdicom copies a 7 MB data set about five times on its way to the handler, holding the GIL);
+  other PDUs, and any PDU while a handler is bound to EVT_DATA_RECV, go through pynetdicom's decoder;
+- a message's data set collects those views (`FragmentIO`) and is joined once when first read, instead
+  of growing a BytesIO 128 KiB at a time (each growth may copy all received so far);
+- pynetdicom's standard logging handlers (a description of every PDU and message, built even when
+  nothing is logged; they also read each data set) are unbound while its logger is not enabled for
+  INFO, as the listener's command line sets it (its lines name UIDs);
+- the DIMSE queue's non-blocking `get` (the reactor's poll) waits up to IDLE_WAIT_S for a message
+  (pynetdicom's own state machine puts `(None, None)` there on abort and release, which wakes it).
+What is read, decoded, answered and when an association ends is unchanged; the cost of waiting is at
+most IDLE_WAIT_S more before an idle association notices a peer's A-RELEASE or the idle timer.
+Where pynetdicom's internals differ from what this expects, the association keeps pynetdicom's own
+polling (a warning says so once) - slower, never different.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import logging
+import queue
+import select
+import socket
+import struct
+import threading
+
+import numpy as np
+from pynetdicom import evt
+from pynetdicom.dimse_messages import DIMSEMessage
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_items import PresentationDataValueItem
+from pynetdicom.transport import AssociationSocket
+
+log = logging.getLogger("cxr_embed.listener")
+_DUL_LOG = logging.getLogger("pynetdicom.dul")
+
+IDLE_WAIT_S = 0.05  # longest wait of an idle reader or reactor before it looks at its timers and flags
+DIRECT_READ = 2**16  # a PDU's remainder at least this long is read straight into the PDU
+LARGEST_PDU = 64 * 2**20  # a PDU declaring more is refused before its buffer is made (the listener's MAX_PDU)
+JOIN_WITHOUT_GIL = 2**20  # joins at least this long are copied with the GIL released (`joined`)
+READ_AHEAD = 2**22  # the most one socket read takes (per association; a DCMTK sender's 128 KiB PDUs arrive
+#                     many per read, so the reader takes the GIL back once per read, not per PDU)
+_warned = threading.Event()
+
+
+class WaitingSocket(AssociationSocket):
+    """An AssociationSocket whose `ready` waits for data or a wake-up, and whose `recv` reads ahead."""
+
+    _wake_r: socket.socket
+    _wake_w: socket.socket
+    _ahead: bytearray  # bytes read from the socket, not yet asked for: _ahead[_start:_end]
+    _start: int
+    _end: int
+
+    @property
+    def ready(self) -> bool:
+        if self.socket is None or self._is_connected is False:
+            return False
+        if self._start < self._end:
+            return True
+        dul = self.assoc.dul
+        busy = dul._kill_thread or dul.event_queue.qsize() or dul.to_provider_queue.qsize()
+        try:
+            ready, _, _ = select.select([self.socket, self._wake_r], [], [], 0 if busy else IDLE_WAIT_S)
+        except (OSError, TimeoutError, ValueError):
+            if self.socket is not None:  # as pynetdicom (else it was closed meanwhile, and said so)
+                self.event_queue.put("Evt17")  # the transport connection is closed
+            return False
+        if self._wake_r in ready:
+            _drain(self._wake_r)
+        return self.socket in ready
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        """`nr_bytes` bytes (fewer once the connection has closed, as pynetdicom)."""
+        out = bytearray(nr_bytes)
+        del out[self.read_into(out, 0):]
+        return out
+
+    def read_into(self, out: bytearray, pos: int) -> int:
+        """Fill `out[pos:]`: from what was read ahead, then a long remainder straight from the socket (the
+        kernel copies it, without the GIL), a short one through a read-ahead of all the socket holds (up
+        to READ_AHEAD). Returns the end of what was filled (short once the connection has closed)."""
+        with memoryview(out) as dst, memoryview(self._ahead) as ahead:
+            while pos < len(out):
+                if self._start < self._end:
+                    take = min(len(out) - pos, self._end - self._start)
+                    dst[pos : pos + take] = ahead[self._start : self._start + take]
+                    self._start += take
+                    pos += take
+                elif len(out) - pos >= DIRECT_READ:
+                    n = self.socket.recv_into(dst[pos:], len(out) - pos)
+                    if not n:
+                        break
+                    pos += n
+                elif not self._fill():
+                    break
+        return pos
+
+    def _fill(self) -> bool:
+        with memoryview(self._ahead) as view:
+            n = self.socket.recv_into(view, len(view))
+        self._start, self._end = 0, n
+        return n > 0
+
+    def close(self) -> None:
+        super().close()  # the socket becomes None first: a `ready` waiting on the pair then returns False
+        for end in (self._wake_r, self._wake_w):
+            end.close()
+
+
+def _drain(sock: socket.socket) -> None:
+    try:
+        while sock.recv(4096):
+            pass
+    except (BlockingIOError, OSError):
+        pass
+
+
+def _waking_put(put, wake: socket.socket):
+    def waking_put(item, block=True, timeout=None):
+        put(item, block, timeout)
+        try:
+            wake.send(b"\0")
+        except (BlockingIOError, OSError):  # the pair is full (a wake-up is pending anyway) or closed
+            pass
+    return waking_put
+
+
+def _waiting_get(get):
+    def waiting_get(block=True, timeout=None):
+        if not block:  # the reactor's poll: wait a little for a message rather than return at once
+            return get(True, IDLE_WAIT_S)
+        return get(block, timeout)
+    return waiting_get
+
+
+def _direct_read(dul):
+    """`dul._read_pdu_data`, as pynetdicom's (the same events: Evt17 for a closed connection or a short
+    PDU, Evt19 for an unknown type or one that does not decode), reading each PDU into one buffer of its
+    declared size instead of appending a second copy to the header's."""
+    def read_pdu_data() -> None:
+        sock = dul.socket
+        try:
+            head = sock.recv(6)
+            pdu_type, _, length = struct.unpack(">BBL", head)
+        except (OSError, TimeoutError, struct.error):
+            dul.event_queue.put("Evt17")  # the connection closed, or closed within a PDU header
+            return
+        if pdu_type not in range(0x01, 0x08) or length > LARGEST_PDU:
+            _DUL_LOG.error("Unknown PDU type 0x%02X or a PDU of %d bytes received", pdu_type, length)
+            dul.event_queue.put("Evt19")
+            return
+        pdu = bytearray(6 + length)
+        pdu[:6] = head
+        try:
+            if sock.read_into(pdu, 6) != len(pdu):
+                _DUL_LOG.error("The received PDU is shorter than expected")
+                dul.event_queue.put("Evt17")
+                return
+        except (OSError, TimeoutError):
+            _DUL_LOG.error("Connection closed before the entire PDU was received")
+            dul.event_queue.put("Evt17")
+            return
+        try:
+            decoded, event = dul._decode_pdu(pdu)
+            dul.event_queue.put(event)
+        except Exception as exc:  # as pynetdicom: whatever the decoder raises ends the association
+            _DUL_LOG.error("Unable to decode the received PDU data (%s)", type(exc).__name__)
+            dul.event_queue.put("Evt19")
+            return
+        dul._recv_pdu.put(decoded)
+    return read_pdu_data
+
+
+def _viewing_decode(dul, decode):
+    """`dul._decode_pdu` for P-DATA-TF PDUs: PDV items hold memoryviews of the PDU read (PS3.8 9.3.5:
+    item length, context id, then the message control header and fragment). An item that does not fit
+    goes to pynetdicom's decoder, which fails it as pynetdicom does (the listener's BoundedSocket has
+    ended such a connection already)."""
+    def decode_pdu(bytestream):
+        if bytestream[:1] != b"\x04" or dul.assoc.get_handlers(evt.EVT_DATA_RECV):
+            return decode(bytestream)
+        view, items, offset = memoryview(bytestream), [], 6
+        while offset < len(view):
+            if offset + 6 > len(view):
+                return decode(bytestream)
+            length, context_id = struct.unpack_from(">LB", view, offset)
+            if length < 2 or offset + 4 + length > len(view):
+                return decode(bytestream)
+            item = PresentationDataValueItem()
+            item.presentation_context_id = context_id
+            item.presentation_data_value = view[offset + 5 : offset + 4 + length]
+            items.append(item)
+            offset += 4 + length
+        pdu = P_DATA_TF()
+        pdu.presentation_data_value_items = items
+        evt.trigger(dul.assoc, evt.EVT_PDU_RECV, {"pdu": pdu})
+        return pdu, "Evt10"
+    return decode_pdu
+
+
+class FragmentIO(io.BytesIO):
+    """A DIMSE message's data set as it arrives: its fragments (views of the received PDUs) kept in a
+    list, joined once on the first read, then an ordinary BytesIO. `with_prefix` gives prefix + data
+    set in one copy."""
+
+    def __init__(self):
+        super().__init__()
+        self._parts: list | None = []
+        self._lock = threading.Lock()
+
+    def write(self, data) -> int:
+        with self._lock:
+            if self._parts is not None:
+                self._parts.append(data)
+                return len(data)
+        return super().write(data)
+
+    def seal(self) -> None:
+        with self._lock:
+            if self._parts is not None:
+                parts, self._parts = self._parts, None
+                io.BytesIO.__init__(self, b"".join(parts))  # the joined bytes are shared, not copied again
+
+    def with_prefix(self, prefix: bytes) -> bytes:
+        with self._lock:
+            if self._parts is not None:
+                return joined((prefix, *self._parts))
+        return joined((prefix, self.getvalue()))
+
+
+def joined(parts) -> bytes:
+    """b"".join(parts) for large parts, copied without holding the GIL: a new bytes object of the total
+    size is filled by ctypes.memmove (a foreign call, made with the GIL released) before anything else
+    holds it, as C code fills a PyBytes_FromStringAndSize(NULL, n). A 7 MB join holding the GIL was the
+    largest single wait of the listener's other threads (BENCHMARKS.md). Small joins: b"".join."""
+    views = [memoryview(p).cast("B") for p in parts]
+    total = sum(len(v) for v in views)
+    if total < JOIN_WITHOUT_GIL:
+        return b"".join(views)
+    out = bytes(total)  # zero-filled and new: no other reference exists until it is returned
+    base = ctypes.cast(ctypes.c_char_p(out), ctypes.c_void_p).value
+    pos = 0
+    for view in views:
+        if len(view):
+            source = np.frombuffer(view, dtype=np.uint8)  # its address, read-only or not
+            ctypes.memmove(base + pos, source.ctypes.data, len(view))
+        pos += len(view)
+    return out
+
+
+def _sealing(name):
+    def method(self, *args, **kwargs):
+        self.seal()
+        return getattr(io.BytesIO, name)(self, *args, **kwargs)
+    method.__name__ = name
+    return method
+
+
+for _name in ("getvalue", "getbuffer", "read", "read1", "readinto", "readinto1", "readline", "readlines", "seek",
+              "tell", "truncate", "__iter__", "__next__", "writelines"):
+    setattr(FragmentIO, _name, _sealing(_name))
+
+
+def _fragmenting_receive(dimse, receive):
+    """`dimse.receive_primitive` that gives each new message a FragmentIO for its data set."""
+    def receive_primitive(primitive):
+        if dimse.message is None:
+            dimse.message = DIMSEMessage()
+            dimse.message.data_set = FragmentIO()
+        return receive(primitive)
+    return receive_primitive
+
+
+def _unbind_standard_logging(assoc) -> None:
+    if logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+        return
+    from pynetdicom import _handlers
+
+    for event, handler in ((evt.EVT_DIMSE_RECV, "standard_dimse_recv_handler"),
+                           (evt.EVT_DIMSE_SENT, "standard_dimse_sent_handler"),
+                           (evt.EVT_PDU_RECV, "standard_pdu_recv_handler"),
+                           (evt.EVT_PDU_SENT, "standard_pdu_sent_handler")):
+        handler = getattr(_handlers, handler, None)
+        if handler is not None:
+            assoc.unbind(event, handler)
+
+
+def _expected(assoc) -> bool:
+    dul, transport = assoc.dul, assoc.dul.socket
+    return (type(transport) is AssociationSocket and isinstance(getattr(dul, "event_queue", None), queue.Queue)
+            and isinstance(getattr(dul, "to_provider_queue", None), queue.Queue)
+            and isinstance(getattr(assoc.dimse, "msg_queue", None), queue.Queue)
+            and hasattr(dul, "_kill_thread") and hasattr(transport, "_is_connected")
+            and callable(getattr(dul, "_decode_pdu", None)) and callable(getattr(assoc, "get_handlers", None))
+            and isinstance(getattr(dul, "_recv_pdu", None), queue.Queue) and callable(getattr(dul, "_read_pdu_data", None))
+            and hasattr(assoc.dimse, "message") and callable(getattr(assoc.dimse, "receive_primitive", None)))
+
+
+def wait_not_poll(assoc) -> bool:
+    """Make one association's threads wait rather than poll (see the module's text). True when done;
+    False, with pynetdicom's polling left as it is, when its internals are not the expected ones."""
+    if not _expected(assoc):
+        if not _warned.is_set():
+            _warned.set()
+            log.warning("this pynetdicom's internals are not the ones expected: its associations poll as "
+                        "pynetdicom does (slower under load; nothing else changes)")
+        return False
+    dul, transport = assoc.dul, assoc.dul.socket
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+    transport._wake_r, transport._wake_w = wake_r, wake_w
+    transport._ahead, transport._start, transport._end = bytearray(READ_AHEAD), 0, 0
+    transport.__class__ = WaitingSocket
+    for q in (dul.event_queue, dul.to_provider_queue):
+        q.put = _waking_put(q.put, wake_w)
+    _unbind_standard_logging(assoc)
+    dul._decode_pdu = _viewing_decode(dul, dul._decode_pdu)
+    dul._read_pdu_data = _direct_read(dul)
+    assoc.dimse.receive_primitive = _fragmenting_receive(assoc.dimse, assoc.dimse.receive_primitive)
+    msgs = assoc.dimse.msg_queue
+    msgs.get = _waiting_get(msgs.get)
+    return True
