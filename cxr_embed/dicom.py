@@ -242,10 +242,17 @@ def _read_native(data: bytes) -> Dataset | None:
         tail = read_dataset(io.BytesIO(data[start + length :]), is_implicit_VR=False, is_little_endian=True)
     except Exception:  # what follows does not parse: pydicom's whole read says how, as before
         return None
+    if _any_implicit(ds) or _any_implicit(tail):
+        return None  # pydicom switched to implicit VR somewhere: its whole read decides element by element
     ds[0x7FE00010] = RawDataElement(Tag(0x7FE00010), vr.decode(), length, memoryview(data)[start : start + length],
                                     start, False, True)
     ds.update(tail)
     return ds
+
+
+def _any_implicit(ds: Dataset) -> bool:
+    """Whether pydicom read any top-level element of `ds` as implicit VR (its raw elements say so)."""
+    return any(getattr(elem, "is_implicit_VR", False) for _, elem in ds.items())
 
 
 def _read_deflated(data: bytes, bound: int) -> Dataset:

@@ -10,6 +10,7 @@ import warnings
 
 import numpy as np
 
+from .dicom import _WARNINGS_LOCK
 from .errors import ConfigError
 from .optional import require
 
@@ -75,8 +76,10 @@ def scripted_copy(model: "torch.nn.Module", example: "torch.Tensor"):
     """A frozen TorchScript trace of `model` (eval mode) on `example`, or None where tracing fails or the
     copy's output differs from the model's by more than SCRIPT_TOLERANCE."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.jit's deprecation notices: it is kept for its GIL-free run
+        # torch.jit's deprecation notices are silenced; the warnings filters are process-wide, so under the
+        # lock the DICOM decoders hold while they catch pydicom's warnings (dicom.py)
+        with _WARNINGS_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             with torch.inference_mode(), torch.jit.optimized_execution(True):  # freezing then inlines (else broken)
                 copy = torch.jit.freeze(torch.jit.trace(model.eval(), example[:1].clone(), check_trace=False))
             with torch.inference_mode(), torch.jit.optimized_execution(False):  # as __call__ runs it

@@ -22,6 +22,7 @@ log = logging.getLogger("cxr_embed.listener")
 P_DATA_TF = 0x04
 OTHER_PDU_MAX = 1 * 2**20  # association requests and the like: a few KiB, even with 128 presentation contexts
 COMMAND_MAX = 64 * 2**10  # a command set is a few hundred bytes
+PDV_HEADER = 6  # a PDV item's length, context id and message control header
 
 
 class PeerOverLimit(ConnectionError):
@@ -91,7 +92,8 @@ class Inbound(PduReader):
             raise PeerOverLimit(f"a PDU (type 0x{kind:02X}) of {length} bytes: more than the {limit} accepted")
 
     def fragment(self, command: bool, size: int, last: bool) -> None:
-        self._sizes[command] += size
+        # the item's 6 header bytes count too: empty fragments still cost the listener memory
+        self._sizes[command] += size + PDV_HEADER
         limit = COMMAND_MAX if command else self.max_message
         if self._sizes[command] > limit:
             raise PeerOverLimit(f"a {'command' if command else 'data'} set of more than {limit} bytes")

@@ -37,7 +37,7 @@ import ctypes
 import io
 import logging
 import queue
-import select
+import selectors
 import socket
 import struct
 import threading
@@ -55,9 +55,12 @@ _DUL_LOG = logging.getLogger("pynetdicom.dul")
 IDLE_WAIT_S = 0.05  # longest wait of an idle reader or reactor before it looks at its timers and flags
 DIRECT_READ = 2**16  # a PDU's remainder at least this long is read straight into the PDU
 LARGEST_PDU = 64 * 2**20  # a PDU declaring more is refused before its buffer is made (the listener's MAX_PDU)
+VIEW_AT_LEAST = 2**16  # data-set fragments at least this long are kept as views of their PDU (FragmentIO)
 JOIN_WITHOUT_GIL = 2**20  # joins at least this long are copied with the GIL released (`joined`)
-READ_AHEAD = 2**22  # the most one socket read takes (per association; a DCMTK sender's 128 KiB PDUs arrive
-#                     many per read, so the reader takes the GIL back once per read, not per PDU)
+READ_AHEAD = 2**18  # the most one buffered socket read takes (per connection, made at its first read; a
+#                     DCMTK sender's PDU headers and short PDUs come several per read, long bodies
+#                     straight into their PDU: the reader takes the GIL back per read, not per 4 KiB)
+UNESTABLISHED_PDU = 2**20  # before an association is established, a PDU declaring more is refused
 _warned = threading.Event()
 
 
@@ -66,6 +69,8 @@ class WaitingSocket(AssociationSocket):
 
     _wake_r: socket.socket
     _wake_w: socket.socket
+    _selector: selectors.BaseSelector  # the socket (`_watched`) and the wake-up pair's reading end
+    _watched: object
     _ahead: bytearray  # bytes read from the socket, not yet asked for: _ahead[_start:_end]
     _start: int
     _end: int
@@ -78,15 +83,15 @@ class WaitingSocket(AssociationSocket):
             return True
         dul = self.assoc.dul
         busy = dul._kill_thread or dul.event_queue.qsize() or dul.to_provider_queue.qsize()
-        try:
-            ready, _, _ = select.select([self.socket, self._wake_r], [], [], 0 if busy else IDLE_WAIT_S)
+        try:  # a selector, not select.select: no limit at file descriptor 1024
+            ready = {key.fileobj for key, _ in self._selector.select(0 if busy else IDLE_WAIT_S)}
         except (OSError, TimeoutError, ValueError):
             if self.socket is not None:  # as pynetdicom (else it was closed meanwhile, and said so)
                 self.event_queue.put("Evt17")  # the transport connection is closed
             return False
         if self._wake_r in ready:
             _drain(self._wake_r)
-        return self.socket in ready
+        return self._watched in ready
 
     def recv(self, nr_bytes: int) -> bytearray:
         """`nr_bytes` bytes (fewer once the connection has closed, as pynetdicom)."""
@@ -98,6 +103,8 @@ class WaitingSocket(AssociationSocket):
         """Fill `out[pos:]`: from what was read ahead, then a long remainder straight from the socket (the
         kernel copies it, without the GIL), a short one through a read-ahead of all the socket holds (up
         to READ_AHEAD). Returns the end of what was filled (short once the connection has closed)."""
+        if not self._ahead:  # made at the first read, not when the connection opens
+            self._ahead = bytearray(READ_AHEAD)
         with memoryview(out) as dst, memoryview(self._ahead) as ahead:
             while pos < len(out):
                 if self._start < self._end:
@@ -122,8 +129,10 @@ class WaitingSocket(AssociationSocket):
 
     def close(self) -> None:
         super().close()  # the socket becomes None first: a `ready` waiting on the pair then returns False
+        self._selector.close()
         for end in (self._wake_r, self._wake_w):
             end.close()
+        self._ahead = bytearray()
 
 
 def _drain(sock: socket.socket) -> None:
@@ -164,7 +173,10 @@ def _direct_read(dul):
         except (OSError, TimeoutError, struct.error):
             dul.event_queue.put("Evt17")  # the connection closed, or closed within a PDU header
             return
-        if pdu_type not in range(0x01, 0x08) or length > LARGEST_PDU:
+        # its buffer is made at the declared size: large only once an association (at most
+        # max_associations of them) is established; pynetdicom refuses data before that anyway
+        largest = LARGEST_PDU if dul.assoc.is_established else UNESTABLISHED_PDU
+        if pdu_type not in range(0x01, 0x08) or length > largest:
             _DUL_LOG.error("Unknown PDU type 0x%02X or a PDU of %d bytes received", pdu_type, length)
             dul.event_queue.put("Evt19")
             return
@@ -224,14 +236,20 @@ class FragmentIO(io.BytesIO):
 
     def __init__(self):
         super().__init__()
-        self._parts: list | None = []
+        self._parts: list | None = []  # views of large fragments, and bytearrays gathering small ones
         self._lock = threading.Lock()
 
     def write(self, data) -> int:
         with self._lock:
             if self._parts is not None:
-                self._parts.append(data)
-                return len(data)
+                size = len(data)
+                if size >= VIEW_AT_LEAST:  # a view: keeps its PDU alive, and that PDU is mostly this view
+                    self._parts.append(data)
+                elif size:  # a copy: a peer sending tiny fragments cannot make us keep a PDU per byte
+                    if not self._parts or not isinstance(self._parts[-1], bytearray):
+                        self._parts.append(bytearray())
+                    self._parts[-1] += data
+                return size
         return super().write(data)
 
     def seal(self) -> None:
@@ -329,7 +347,10 @@ def wait_not_poll(assoc) -> bool:
     wake_r.setblocking(False)
     wake_w.setblocking(False)
     transport._wake_r, transport._wake_w = wake_r, wake_w
-    transport._ahead, transport._start, transport._end = bytearray(READ_AHEAD), 0, 0
+    transport._watched, transport._selector = transport.socket, selectors.DefaultSelector()
+    transport._selector.register(transport.socket, selectors.EVENT_READ)
+    transport._selector.register(wake_r, selectors.EVENT_READ)
+    transport._ahead, transport._start, transport._end = bytearray(), 0, 0
     transport.__class__ = WaitingSocket
     for q in (dul.event_queue, dul.to_provider_queue):
         q.put = _waking_put(q.put, wake_w)

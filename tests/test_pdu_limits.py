@@ -160,3 +160,12 @@ def test_a_listener_cuts_off_a_hostile_peer_and_goes_on(dcm_dir, tmp_path, caplo
     warnings = [r.getMessage() for r in caplog.records if r.name == "cxr_embed.listener"]
     assert any("PDU (type 0x04) of 1073741824 bytes" in w for w in warnings)
     assert any("data set of more than 1048576 bytes" in w for w in warnings)
+
+
+def test_empty_fragments_count_toward_the_data_set_limit():
+    """A data set sent as empty fragments still costs memory: each PDV item counts its 6 header bytes."""
+    item = struct.pack(">LBB", 2, 1, 0x00)  # a data-set fragment of 0 bytes, never the last
+    pdu = struct.pack(">BBL", 0x04, 0, len(item) * 1000) + item * 1000
+    inbound = Inbound(2**20, 10_000)
+    with pytest.raises(PeerOverLimit, match="data set of more than 10000"):
+        inbound.feed(pdu * 2)

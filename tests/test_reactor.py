@@ -210,3 +210,41 @@ def test_a_large_join_without_the_gil_equals_bytes_join():
     for part in parts[1:]:
         io.write(memoryview(part))
     assert io.with_prefix(parts[0]) == b"".join(parts)
+
+
+def test_tiny_fragments_are_copied_so_their_pdus_are_not_kept():
+    """A peer's 1-byte (or empty) data-set fragments, one per PDU: the data set keeps copies of the
+    bytes, not the PDUs they came in (2,000 x 64 KiB would be 128 MiB)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        io = FragmentIO()
+        for i in range(2000):
+            pdu = bytearray(2**16)
+            pdu[7] = i % 251
+            io.write(memoryview(pdu)[7:8])
+            io.write(memoryview(pdu)[8:8])  # an empty fragment
+            del pdu
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 2**20, f"{held} bytes held for 2,000 one-byte fragments"
+    assert io.getvalue() == bytes(i % 251 for i in range(2000))
+
+
+def test_a_large_pdu_before_any_association_is_refused_before_its_buffer(tmp_path):
+    """6 bytes declaring a 4 MiB P-DATA-TF, before A-ASSOCIATE: the listener aborts the connection at
+    once rather than reserving 4 MiB for a peer that may never send it; then it serves others."""
+    import struct
+
+    with _listener(tmp_path) as listener:
+        with socket.create_connection(("127.0.0.1", listener.port), timeout=20) as peer:
+            peer.sendall(struct.pack(">BBL", 0x04, 0, 4 * 2**20))
+            received = b""
+            while chunk := peer.recv(4096):  # ends when the listener closes the connection
+                received += chunk
+        assert received[:1] in (b"", b"\x07")  # an A-ABORT, or just the close
+        echo = subprocess.run([sys.executable, "-m", "pynetdicom", "echoscu", "127.0.0.1", str(listener.port)],
+                              capture_output=True, text=True, timeout=60)
+        assert echo.returncode == 0, echo.stderr[-2000:]
