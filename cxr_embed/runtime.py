@@ -204,7 +204,9 @@ class Runtime:
             self.check_model = self.model if self.model.name == CHECK_MODEL else \
                 inference_model(create_model(CHECK_MODEL, device="cpu"), self.device)
             self.reference = self._reference(self.check_model)
-            self.check_network = TorchNetwork(self.check_model, self.device, script=self.settings.torchscript)
+            # one network per model: a TorchNetwork keeps a TorchScript copy per input size
+            self.check_network = self.network if self.check_model is self.model else \
+                TorchNetwork(self.check_model, self.device, script=self.settings.torchscript)
             self.check_network.prepare((3, self.reference.size, self.reference.size))
 
     def _build_openvino(self, model) -> None:

@@ -17,7 +17,7 @@ from .optional import require
 torch = require("torch", "the torch backend (--runtime torch)")
 
 log = logging.getLogger("cxr_embed")
-SCRIPT_TOLERANCE = 1e-4  # a TorchScript copy whose output differs more on its tracing input is not used
+SCRIPT_TOLERANCE = 1e-4  # a TorchScript copy whose output differs more on its check batch is not used
 
 
 def pick_device(device: str | None = None) -> "torch.device":
@@ -38,7 +38,7 @@ class TorchNetwork:
     copy runs its whole forward pass in C++ without Python's GIL, where the eager model takes the GIL
     back after each of its ~200 ops: beside threads running Python (decoding, a DICOM listener's
     network threads) an eager forward pass waited for the GIL ~30x longer than it computed
-    (BENCHMARKS.md). Where tracing fails or the copy differs, the model runs eagerly (logged once)."""
+    (BENCHMARKS.md). Where tracing fails or the copy differs, the model runs eagerly (with a warning)."""
 
     def __init__(self, model: "torch.nn.Module", device: "torch.device | str", script: bool = False):
         self.model = model

@@ -8,12 +8,13 @@ listener spent more CPU in these loops than in decoding (BENCHMARKS.md, "DICOM l
 
 `wait_not_poll(assoc)`, called when the connection opens (before either thread starts), changes only
 this association's objects, and only how they wait:
-- the transport's `ready` (the DUL's "is there data?") waits in `select` on the socket and on a wake-up
-  socket pair, up to IDLE_WAIT_S, when the DUL has no event or primitive queued; every `put` on the
+- the transport's `ready` (the DUL's "is there data?") waits in a selector on the socket and on a
+  wake-up socket pair, up to IDLE_WAIT_S, when the DUL has no event or primitive queued; every `put` on the
   DUL's event and outgoing queues writes a byte to the pair, so a queued reply or abort wakes it at once;
 - its `recv(n)` is served from a read-ahead buffer that each socket read fills with all the socket
-  holds (up to READ_AHEAD), instead of 4 KiB `recv` calls: several PDUs per system call, and so per
-  time the reader must win the GIL back from the decoding and model threads;
+  holds (up to READ_AHEAD), a long remainder read straight into its PDU, instead of 4 KiB `recv` calls:
+  several PDUs per system call, and so per time the reader must win the GIL back from the decoding and
+  model threads;
 - each PDU is read into one buffer of its size (pynetdicom appends it to the header's, a second copy);
 - a received P-DATA-TF PDU is split into its PDV items as views of the bytes read, not copies
   (pynetdicom copies a 7 MB data set about five times on its way to the handler, holding the GIL);
@@ -69,8 +70,7 @@ class WaitingSocket(AssociationSocket):
 
     _wake_r: socket.socket
     _wake_w: socket.socket
-    _selector: selectors.BaseSelector  # the socket (`_watched`) and the wake-up pair's reading end
-    _watched: object
+    _selector: selectors.BaseSelector  # the socket and the wake-up pair's reading end
     _ahead: bytearray  # bytes read from the socket, not yet asked for: _ahead[_start:_end]
     _start: int
     _end: int
@@ -91,7 +91,7 @@ class WaitingSocket(AssociationSocket):
             return False
         if self._wake_r in ready:
             _drain(self._wake_r)
-        return self._watched in ready
+        return self.socket in ready
 
     def recv(self, nr_bytes: int) -> bytearray:
         """`nr_bytes` bytes (fewer once the connection has closed, as pynetdicom)."""
@@ -256,7 +256,7 @@ class FragmentIO(io.BytesIO):
         with self._lock:
             if self._parts is not None:
                 parts, self._parts = self._parts, None
-                io.BytesIO.__init__(self, b"".join(parts))  # the joined bytes are shared, not copied again
+                io.BytesIO.__init__(self, joined(parts))  # the joined bytes are shared, not copied again
 
     def with_prefix(self, prefix: bytes) -> bytes:
         with self._lock:
@@ -347,7 +347,7 @@ def wait_not_poll(assoc) -> bool:
     wake_r.setblocking(False)
     wake_w.setblocking(False)
     transport._wake_r, transport._wake_w = wake_r, wake_w
-    transport._watched, transport._selector = transport.socket, selectors.DefaultSelector()
+    transport._selector = selectors.DefaultSelector()
     transport._selector.register(transport.socket, selectors.EVENT_READ)
     transport._selector.register(wake_r, selectors.EVENT_READ)
     transport._ahead, transport._start, transport._end = bytearray(), 0, 0
