@@ -10,7 +10,10 @@ SOP Instance UID:
 - `pynetdicom`: a Python process with pynetdicom's API, reading the file once and timing its own sends.
 The rate is N / (last end - first start). Each C-STORE is answered only after the store commit that
 holds it, so this is the acknowledged, durable rate. CPU seconds per instance are reported for the
-listener (from /proc) and the senders (their rusage): on one machine they share the cores.
+listener (from /proc) and the senders (their rusage): on one machine they share the cores. Also: the
+machine's busy fraction while each variant ran (/proc/stat), `embed`'s CPU s per image (its summary
+line), and the ceiling "all cores busy would give": cores / (listener + senders CPU per instance),
+against `embed`'s rate - no scheduling can beat it on this machine.
 
 Variants, in the same run and in turns (round 1: embed, every variant; round 2 ...): `--pdu` lists the
 listener's maximum PDU sizes to compare (16382 is pynetdicom's default); `--env-variant` adds the
@@ -88,7 +91,20 @@ def dcmtk_storescu() -> str:
     raise SystemExit("DCMTK's storescu was not found (apt-get install dcmtk), or use --senders pynetdicom")
 
 
-def embed_rate(tmp: Path, n: int, model: str) -> float:
+def machine_cpu() -> tuple[int, int]:
+    """(busy, total) clock ticks of all cores since boot (/proc/stat): busy excludes idle and iowait."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return sum(fields) - fields[3] - fields[4], sum(fields)
+
+
+def busy_since(before: tuple[int, int]) -> float:
+    """The machine's busy fraction (0-1, all cores) since `before` (machine_cpu())."""
+    now = machine_cpu()
+    return (now[0] - before[0]) / max(1, now[1] - before[1])
+
+
+def embed_rate(tmp: Path, n: int, model: str) -> tuple[float, float]:
+    """`cxr-embed embed`'s own img/s and CPU s per image (its summary line; model load excluded)."""
     folder = tmp / "images"
     if not folder.exists():
         folder.mkdir()
@@ -99,7 +115,8 @@ def embed_rate(tmp: Path, n: int, model: str) -> float:
     out = tmp / f"embed-{time.time_ns()}.h5"
     res = subprocess.run([sys.executable, "-m", "cxr_embed", "embed", "--images", str(folder), "--out", str(out),
                           "--model", model, "--no-progress"], capture_output=True, text=True, check=True, cwd=ROOT)
-    return float(re.search(r"\(([\d.]+) img/s\)", res.stdout).group(1))
+    found = re.search(r"\(([\d.]+) img/s; ([\d.]+) CPU s per image\)", res.stdout)
+    return float(found.group(1)), float(found.group(2))
 
 
 @dataclass
@@ -138,11 +155,12 @@ def sender_commands(kind: str, port: int, n: int, associations: int, sender_py: 
 def send(variant: Variant, kind: str, n: int, associations: int, sender_py: Path) -> dict:
     """Rate (instances/s) and CPU seconds per instance of the listener and of the senders."""
     cmds = sender_commands(kind, variant.port, n, associations, sender_py)
-    cpu0, children0 = variant.cpu_s(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu0, children0, machine0 = variant.cpu_s(), resource.getrusage(resource.RUSAGE_CHILDREN), machine_cpu()
     t0 = time.time()
     procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in cmds]
     outs = [p.communicate()[0] for p in procs]
     t1 = time.time()
+    busy = busy_since(machine0)
     children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if any(p.returncode for p in procs):
         raise RuntimeError(f"a sender failed: {[o[-800:] for o in outs]}")
@@ -154,7 +172,8 @@ def send(variant: Variant, kind: str, n: int, associations: int, sender_py: Path
             raise RuntimeError(f"failed C-STOREs: {results}")
         elapsed = max(r["end"] for r in results) - min(r["start"] for r in results)
     senders = (children1.ru_utime + children1.ru_stime) - (children0.ru_utime + children0.ru_stime)
-    return {"rate": n / elapsed, "listener_cpu": (variant.cpu_s() - cpu0) / n, "sender_cpu": senders / n}
+    return {"rate": n / elapsed, "listener_cpu": (variant.cpu_s() - cpu0) / n, "sender_cpu": senders / n,
+            "busy": busy}
 
 
 def parse_args() -> argparse.Namespace:
@@ -195,17 +214,22 @@ def main() -> None:
                 v.start(tmp, args.model)
                 send(v, args.senders[0], 4, 1, sender_py)  # warm-up: first batches, first commits
             for r in range(args.rounds):
-                embed = embed_rate(tmp, args.n, args.model)
-                print(f"round {r + 1}: embed {embed:.2f} img/s", flush=True)
+                machine0 = machine_cpu()
+                embed, embed_cpu = embed_rate(tmp, args.n, args.model)
+                print(f"round {r + 1}: embed {embed:.2f} img/s, {embed_cpu:.3f} CPU s per image (machine busy "
+                      f"{busy_since(machine0):.0%} over the whole command, model load included)", flush=True)
                 for kind in args.senders:
                     for k in (1, 4):
                         # innermost: the variants compared back to back, in turns (the first run after
                         # `embed` was measured slower whichever variant it was)
                         for v in (variants if r % 2 == 0 else variants[::-1]):
                             m = send(v, kind, args.n, k, sender_py)
+                            # the most this listener could do here: every core busy with it and its senders
+                            ceiling = os.cpu_count() / (m["listener_cpu"] + m["sender_cpu"])
                             print(f"  {kind:>10} senders, {k} association(s), {v.name:>12}: {m['rate']:6.2f} inst/s "
                                   f"({m['rate'] / embed:.2f}x embed); CPU s per instance: listener "
-                                  f"{m['listener_cpu']:.3f}, senders {m['sender_cpu']:.3f}", flush=True)
+                                  f"{m['listener_cpu']:.3f}, senders {m['sender_cpu']:.3f}; machine busy {m['busy']:.0%}; "
+                                  f"all cores busy would give {ceiling / embed:.2f}x", flush=True)
         finally:
             for v in variants:
                 if v.proc is not None:

@@ -92,11 +92,13 @@ class EmbedSummary:
     failed: dict[str, str]
     total_in_store: int
     seconds: float
+    cpu_seconds: float = 0.0  # this process's CPU time (all its threads) over the same span
 
     def text(self) -> str:
         rate = self.embedded / self.seconds if self.seconds > 0 else 0.0
+        cpu = f"; {self.cpu_seconds / self.embedded:.3f} CPU s per image" if self.embedded and self.cpu_seconds else ""
         lines = [
-            f"{self.store}: embedded {self.embedded} new image(s) in {self.seconds:.1f} s ({rate:.1f} img/s), "
+            f"{self.store}: embedded {self.embedded} new image(s) in {self.seconds:.1f} s ({rate:.1f} img/s{cpu}), "
             f"{self.skipped} already present, {len(self.failed)} failed; {self.total_in_store} in store"
         ]
         for image_id, err in list(self.failed.items())[:20]:
@@ -177,7 +179,7 @@ def embed_to_store(
         out = shard_path(out, rank, world)
     writer = StoreWriter(out, embedder.identity)
     todo = [it for it in items if it.image_id not in writer.done_ids]
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     bar = tqdm(
         total=len(todo), unit="img", desc=f"embedding -> {out.name}", disable=not progress,
         file=sys.stderr, dynamic_ncols=True, mininterval=1.0, position=rank,
@@ -199,4 +201,4 @@ def embed_to_store(
         show(last, 0)  # after the last commit
         bar.close()
     return EmbedSummary(out, done.embedded, len(items) - len(todo), done.failed, len(Store(out)),
-                        time.perf_counter() - start)
+                        time.perf_counter() - start, time.process_time() - cpu_start)

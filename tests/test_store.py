@@ -40,6 +40,8 @@ def test_embed_csv_store_info_and_resume(tmp_path, shared, capsys):
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "embedded 12 new image(s)" in text and "2 failed" in text and "does_not_exist" in text
+    cpu = float(re.search(r"img/s; ([\d.]+) CPU s per image\)", text).group(1))
+    assert 0 < cpu < 60  # this process's CPU over the embedding, per image: a real measurement, not a constant
     store = Store(out)
     assert len(store) == 12 and len(store.failed) == 2
     assert store.failed[str(bad)].startswith("truncated_or_corrupt")
