@@ -62,33 +62,7 @@ READ_AHEAD = 2**18  # the most one buffered socket read takes (per connection, m
 #                     DCMTK sender's PDU headers and short PDUs come several per read, long bodies
 #                     straight into their PDU: the reader takes the GIL back per read, not per 4 KiB)
 UNESTABLISHED_PDU = 2**20  # before an association is established, a PDU declaring more is refused
-UNFILLED_AT_LEAST = 2**16  # buffers at least this long are made without zero-filling them (`unfilled`)
 _warned = threading.Event()
-
-
-def _c_constructor(name: str):
-    """CPython's `name(NULL, n)`: a new bytes or bytearray of n bytes, left as malloc gives them."""
-    try:
-        fn = getattr(ctypes.pythonapi, name)
-    except (AttributeError, OSError):  # not CPython: zero-filled constructors only
-        return None
-    fn.restype, fn.argtypes = ctypes.py_object, (ctypes.c_char_p, ctypes.c_ssize_t)
-    return fn
-
-
-_NEW_BYTES = _c_constructor("PyBytes_FromStringAndSize")
-_NEW_BYTEARRAY = _c_constructor("PyByteArray_FromStringAndSize")
-
-
-def unfilled(kind: type, n: int):
-    """A new `bytes` or `bytearray` of `n` bytes, not zero-filled when long (as C code does with
-    `PyBytes_FromStringAndSize(NULL, n)`), for a caller that overwrites every byte before anything else
-    sees it. `bytes(n)` zero-fills with the GIL held: a 7 MB data set cost a memset of 7 MB (5% of the
-    listener's CPU, BENCHMARKS.md), the page faults of fresh memory included."""
-    fn = _NEW_BYTES if kind is bytes else _NEW_BYTEARRAY
-    if n < UNFILLED_AT_LEAST or fn is None:
-        return kind(n)
-    return fn(None, n)
 
 
 class WaitingSocket(AssociationSocket):
@@ -206,7 +180,7 @@ def _direct_read(dul):
             _DUL_LOG.error("Unknown PDU type 0x%02X or a PDU of %d bytes received", pdu_type, length)
             dul.event_queue.put("Evt19")
             return
-        pdu = unfilled(bytearray, 6 + length)  # every byte is read into it, or it is dropped
+        pdu = bytearray(6 + length)
         pdu[:6] = head
         try:
             if sock.read_into(pdu, 6) != len(pdu):
@@ -300,7 +274,7 @@ def joined(parts) -> bytes:
     total = sum(len(v) for v in views)
     if total < JOIN_WITHOUT_GIL:
         return b"".join(views)
-    out = unfilled(bytes, total)  # new, and every byte is copied into it before it is returned
+    out = bytes(total)  # zero-filled and new: no other reference exists until it is returned
     base = ctypes.cast(ctypes.c_char_p(out), ctypes.c_void_p).value
     pos = 0
     for view in views:

@@ -236,20 +236,6 @@ def test_a_large_join_without_the_gil_equals_bytes_join():
     assert io.with_prefix(parts[0]) == b"".join(parts)
 
 
-def test_unfilled_buffers_are_new_objects_of_the_size_asked():
-    """`unfilled` (no zero-filling for large buffers) gives a new object of the asked type and size
-    every time: the PDU and join buffers are written in place, so two of them must never be one."""
-    for kind in (bytes, bytearray):
-        for n in (1, 10, reactor.UNFILLED_AT_LEAST - 1, reactor.UNFILLED_AT_LEAST, 3 * 2**20 + 1):
-            a, b = reactor.unfilled(kind, n), reactor.unfilled(kind, n)
-            assert type(a) is kind and len(a) == len(b) == n and a is not b
-        small = reactor.unfilled(kind, 100)
-        assert small == kind(100)  # small ones are the ordinary zero-filled constructor's
-    buf = reactor.unfilled(bytearray, 2**20)
-    buf[:] = b"\x07" * 2**20
-    assert buf.count(7) == 2**20
-
-
 def test_tiny_fragments_are_copied_so_their_pdus_are_not_kept():
     """A peer's 1-byte (or empty) data-set fragments, one per PDU: the data set keeps copies of the
     bytes, not the PDUs they came in (2,000 x 64 KiB would be 128 MiB)."""
