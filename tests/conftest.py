@@ -87,9 +87,15 @@ def pool_by_source(shared, tmp_path_factory) -> Path:
         cells.setdefault((r["source"], cls), []).append(r)
     rng = np.random.default_rng(0)
     pick = [cell[i] for key in sorted(cells) for cell in [cells[key]] for i in sorted(rng.choice(len(cell), 6, replace=False))]
-    path = tmp_path_factory.mktemp("pool_by_source") / "pool.csv"
+    return write_rows(tmp_path_factory.mktemp("pool_by_source") / "pool.csv", pick)
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    """Rows of a pool or task CSV (dicts with the same keys) written as a CSV with their header."""
+    import csv
+
     with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
-        w.writerows(pick)
+        w.writerows(rows)
     return path

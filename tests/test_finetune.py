@@ -26,6 +26,7 @@ from probes.curve import plan_draws
 from probes.finetune import FinetuneConfig, build_classifier, load_task, train_fit
 from probes.image_cache import canonical, open_or_build
 from probes.rows import scores_path
+from conftest import write_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--sizes", "10", "--steps", "2", "--batch-size", "4", "--no-progress"]
@@ -38,11 +39,7 @@ def tiny(shared, tmp_path_factory):
     rows = list(csv.DictReader(open(shared / "tasks" / "tb_shenzhen_mc.csv")))
     pick = [r for split, n in (("train", 7), ("test", 4)) for label in "01"
             for r in [r for r in rows if r["split"] == split and r["label"] == label][:n]]
-    labels = folder / "tb_tiny.csv"
-    with open(labels, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(pick)
+    labels = write_rows(folder / "tb_tiny.csv", pick)
     store = folder / "tb_tiny.imagenet.h5"
     assert main(["embed", "--images", str(labels), "--image-root", str(shared), "--out", str(store),
                  "--model", "imagenet-effnet-lite0", "--no-progress"]) == 0

@@ -4,7 +4,6 @@ import csv
 import json
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from cxr_embed.cli import main
 from cxr_embed.errors import CxrEmbedError
 from cxr_embed.models import read_checkpoint_metadata
 from cxr_embed.pretrain import ClassBalancedBatches, PretrainConfig
+from conftest import write_rows
 
 
 @pytest.fixture(scope="module")
@@ -24,12 +24,7 @@ def small_pool(shared, tmp_path_factory):
     rng = np.random.default_rng(0)
     pick = [rows[i] for i in rng.choice(len(rows), 48, replace=False)]
     pick[0]["abnormal"], pick[1]["abnormal"] = "0", "1"
-    path = tmp_path_factory.mktemp("pool") / "pool.csv"
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(pick)
-    return path
+    return write_rows(tmp_path_factory.mktemp("pool") / "pool.csv", pick)
 
 
 def _config(tmp_path, pool, shared, **kw):
@@ -90,11 +85,7 @@ def test_pretrain_runs_resumes_and_writes_a_loadable_checkpoint(tmp_path, small_
 
 def test_multi_label_columns(tmp_path, shared):
     rows = list(csv.DictReader(open(shared / "tasks" / "nih_findings.csv")))[:40]
-    path = tmp_path / "nih.csv"
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    path = write_rows(tmp_path / "nih.csv", rows)
     cfg = _config(tmp_path, path, shared, label_columns=["Effusion", "Infiltration", "no_finding"], max_steps=1,
                   min_class_count=2, holdout=5)
     assert main(["pretrain", "--config", str(cfg), "--no-progress"]) == 0

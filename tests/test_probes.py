@@ -15,6 +15,7 @@ from probes import Probe, ProbeFileError, auc_ci, delong_test, load_probe, save_
 from cxr_embed.labels import MIN_PER_CLASS, read_labels
 from probes.curve import draw_training_set
 from probes.metrics import logit_interval
+from conftest import write_rows
 
 
 @pytest.fixture(scope="module")
@@ -132,12 +133,8 @@ def test_delong_matches_definition():
 
 def test_curve_command(tb_store, shared, tmp_path, capsys):
     # a store missing some labelled images is reported, not silently dropped
-    labels = tmp_path / "tb.csv"
     rows = list(csv.DictReader(open(shared / "tasks" / "tb_shenzhen_mc.csv")))
-    with open(labels, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows + [dict(rows[0], image="images/not/embedded.jpg")])
+    labels = write_rows(tmp_path / "tb.csv", rows + [dict(rows[0], image="images/not/embedded.jpg")])
     out = tmp_path / "curve"
     code = main(["curve", "--store", str(tb_store), "--labels", str(labels), "--sizes", "45,85,full",
                  "--repeats", "3", "--out", str(out), "--no-progress"])

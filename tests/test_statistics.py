@@ -1,7 +1,6 @@
 """The statistics behind the curve: clustered DeLong, logit intervals, the paired patient bootstrap,
 Holm's adjustment, grouped internal CV, and the metadata-only baseline."""
 
-import csv
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from probes.bootstrap import (draw_resamples, mean_interval, patient_bootstrap, 
 from probes.curve import run_curve
 from probes.metrics import auc_ci, delong_test, holm
 from probes.probe import _folds, train_probe
+from conftest import write_rows
 
 
 def _clustered_sample(rng, n_patients=60, delta=1.0, sd_patient=1.0, sd_image=0.5):
@@ -175,11 +175,7 @@ def _synthetic_task(tmp_path, rng, n=240):
         rows.append({"image": image, "label": label, "patient_id": f"p{i // 2}", "split": "test" if i % 5 == 0 else "train",
                      "view": view})
     writer.commit()
-    labels = tmp_path / "labels.csv"
-    with open(labels, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    labels = write_rows(tmp_path / "labels.csv", rows)
     return tmp_path / "noise.h5", labels
 
 
