@@ -79,10 +79,6 @@ class RuntimeSettings:
     # 0: auto (one per model thread on up to 4 cores, else 1); 1: one team of threads for everything
     cpu_workers: int = 1
     decode_threads: int = 2
-    # niceness of the decoding threads (0-19, Linux): 0 runs them as the process's other threads; the
-    # DICOM listener uses 19, so that receiving, answering and the model go first when cores are short
-    # and decoding fills the rest (BENCHMARKS.md, "DICOM listener")
-    decode_nice: int = 0
     min_side: int = MIN_SIDE  # images with a shorter side are refused
     max_pixels: int = MAX_PIXELS  # images declaring more (rows x columns x frames x samples) are refused before decoding
 
@@ -99,8 +95,6 @@ class RuntimeSettings:
             if int(getattr(self, name)) < (1 if name == "decode_threads" else 0):
                 raise ConfigError(f"{name} must be a {'positive' if name == 'decode_threads' else 'non-negative'} "
                                   f"integer, not {getattr(self, name)!r}")
-        if not 0 <= int(self.decode_nice) <= 19:
-            raise ConfigError(f"decode_nice must be 0 to 19, not {self.decode_nice!r}")
         self._check_backend()
 
     def _check_backend(self) -> None:
@@ -267,7 +261,7 @@ class Runtime:
         """Decoding threads (torch on one thread each), started on first use and kept."""
         with self._decode_lock:
             if self._decode is None:
-                self._decode = decode_pool(self.settings.decode_threads, nice=self.settings.decode_nice)
+                self._decode = decode_pool(self.settings.decode_threads)
             return self._decode
 
     def close(self) -> None:

@@ -60,13 +60,8 @@ MIN_PDU, MAX_PDU = 4096, 64 * 2**20  # never 0 (unlimited): a peer's PDU is boun
 # The model on single-threaded workers that share a batch, never one team of OpenMP threads: the
 # listener's decoding and DICOM networking threads always compete for the cores, and a team stalls at
 # every op when one of its threads is descheduled (threads.py; measured: BENCHMARKS.md).
-# Decoding threads at the lowest priority (niceness 19, Linux): when the cores are short, the kernel runs
-# the DICOM threads (receive, answer), the model and the commits first and decoding in what is left, so an
-# instance arrives and is answered sooner and the 4 associations' pipeline keeps more instances on the
-# cores (4 DCMTK associations: faster in 7 of 8 paired rounds, +4% to +15%; BENCHMARKS.md).
-# CXR_EMBED_MODEL_THREADS, CXR_EMBED_CPU_WORKERS and CXR_EMBED_DECODE_NICE still override them.
-LISTENER_RUNTIME_DEFAULTS = {"model_threads": 1, "cpu_workers": min(os.cpu_count() or 1, AUTO_CPU_WORKERS_MAX),
-                             "decode_nice": 19}
+# CXR_EMBED_MODEL_THREADS and CXR_EMBED_CPU_WORKERS still override it.
+LISTENER_RUNTIME_DEFAULTS = {"model_threads": 1, "cpu_workers": min(os.cpu_count() or 1, AUTO_CPU_WORKERS_MAX)}
 
 
 def listener_service_settings(**overrides) -> ServiceSettings:
