@@ -265,7 +265,7 @@ def embed_on_ray(items: list[InputItem], out: str | os.PathLike, settings: Runti
     ids = {it.image_id for it in todo}
     failed = {k: v for k, v in store.failed.items() if k in ids}
     return RaySummary(out, sum(i in store for i in ids), len(items) - len(todo), failed, len(store),
-                      time.perf_counter() - start, plan.describe(), rounds, lost)
+                      time.perf_counter() - start, plan=plan.describe(), rounds=rounds, actors_lost=lost)
 
 
 def _actor_settings(settings: RuntimeSettings, plan: RayPlan) -> RuntimeSettings:
