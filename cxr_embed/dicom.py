@@ -19,7 +19,6 @@ import logging
 import math
 import re
 import struct
-import threading
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -49,6 +48,7 @@ from .errors import (
     UnsupportedImage,
 )
 from .image import MAX_PIXELS, DecodedImage, ImageInfo, check_declared_size, check_finite, rgb_to_grey
+from .threads import WARNINGS_LOCK
 
 LOG = logging.getLogger(__name__)
 
@@ -150,15 +150,12 @@ _STASH_FILTER = _StashPydicomRecords()
 for _name in ["pydicom", *(n for n in list(logging.root.manager.loggerDict) if n.startswith("pydicom."))]:
     logging.getLogger(_name).addFilter(_STASH_FILTER)
 
-# warnings.catch_warnings swaps process-wide state: two threads inside it at once can leave pydicom's
-# warnings (which quote values) going to stderr. The header phase holds this lock; it is short.
-_WARNINGS_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
 def _header_phase(caught: list[str]) -> Iterator[list]:
     """Catch pydicom's warnings (yielded, and added to `caught`) while the header is parsed and read."""
-    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as records:
+    with WARNINGS_LOCK, warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
         try:
             yield records

@@ -13,7 +13,13 @@ without it (a slim install, or the OpenVINO backend) these do nothing.
 from __future__ import annotations
 
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
+
+# warnings.catch_warnings swaps process-wide state: two threads inside it at once can leave warnings
+# shown that one of them meant to catch (pydicom's quote header values). Every `catch_warnings` of the
+# package (the DICOM header phase, the torch backend's tracing) holds this lock; each is short.
+WARNINGS_LOCK = threading.Lock()
 
 
 def single_threaded_torch() -> None:

@@ -10,9 +10,9 @@ import warnings
 
 import numpy as np
 
-from .dicom import _WARNINGS_LOCK
 from .errors import ConfigError
 from .optional import require
+from .threads import WARNINGS_LOCK
 
 torch = require("torch", "the torch backend (--runtime torch)")
 
@@ -77,8 +77,8 @@ def scripted_copy(model: "torch.nn.Module", example: "torch.Tensor"):
     copy's output differs from the model's by more than SCRIPT_TOLERANCE."""
     try:
         # torch.jit's deprecation notices are silenced; the warnings filters are process-wide, so under the
-        # lock the DICOM decoders hold while they catch pydicom's warnings (dicom.py)
-        with _WARNINGS_LOCK, warnings.catch_warnings():
+        # package's lock for them (threads.WARNINGS_LOCK), which the DICOM decoders also hold
+        with WARNINGS_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with torch.inference_mode(), torch.jit.optimized_execution(True):  # freezing then inlines (else broken)
                 copy = torch.jit.freeze(torch.jit.trace(model.eval(), example[:1].clone(), check_trace=False))
