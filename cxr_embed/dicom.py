@@ -225,6 +225,8 @@ def _read_native(data: bytes) -> Dataset | None:
     radiograph's 7 MB were copied while this module's warning lock was held: decoding threads waited
     on each other), and what follows it parsed by pydicom. None for anything else (then pydicom reads
     the whole file as before)."""
+    if _EXPLICIT_LE.encode() not in data[132:4096]:  # other transfer syntaxes: no header parse before the whole read
+        return None
     fp = io.BytesIO(data)
     ds = pydicom.dcmread(fp, stop_before_pixels=True)
     pos = fp.tell()
