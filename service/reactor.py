@@ -9,18 +9,23 @@ listener spent more CPU in these loops than in decoding (BENCHMARKS.md, "DICOM l
 `wait_not_poll(assoc)`, called when the connection opens (before either thread starts), changes only
 this association's objects, and only how they wait:
 - the transport's `ready` (the DUL's "is there data?") waits in a selector on the socket and on a
-  wake-up socket pair, up to IDLE_WAIT_S, when the DUL has no event or primitive queued; every `put` on the
-  DUL's event and outgoing queues writes a byte to the pair, so a queued reply or abort wakes it at once;
-- its `recv(n)` is served from a read-ahead buffer that each socket read fills with all the socket
-  holds (up to READ_AHEAD), a long remainder read straight into its PDU, instead of 4 KiB `recv` calls:
-  several PDUs per system call, and so per time the reader must win the GIL back from the decoding and
-  model threads;
-- each PDU is read into one buffer of its size (pynetdicom appends it to the header's, a second copy);
+  wake-up socket pair, up to IDLE_WAIT_S, when the DUL has no event or primitive queued; a `put` on the
+  DUL's event and outgoing queues by another thread writes a byte to the pair, so a queued reply or
+  abort wakes it at once (the DUL's own puts need none: it looks at its queues before it waits);
+- the socket is read straight into the free end of a large buffer (a "chunk"), as much as it holds
+  per `recv_into` (up to the chunk's end), instead of 4 KiB `recv` calls: several PDUs per system call,
+  and so per time the reader must win the GIL back from the decoding and model threads;
+- a P-DATA-TF PDU is then decoded where it was read, as a view of its chunk: no buffer of its own, no
+  copy (pynetdicom reads each PDU into a new buffer and appends it to its header's, a second copy).
+  Chunks are reused, and a chunk is reused only once no view of it is alive (`_unexported`); other
+  PDUs are copied out, for pynetdicom's decoders;
 - a received P-DATA-TF PDU is split into its PDV items as views of the bytes read, not copies
   (pynetdicom copies a 7 MB data set about five times on its way to the handler, holding the GIL);
   other PDUs, and any PDU while a handler is bound to EVT_DATA_RECV, go through pynetdicom's decoder;
 - a message's data set collects those views (`FragmentIO`) and is joined once when first read, instead
-  of growing a BytesIO 128 KiB at a time (each growth may copy all received so far);
+  of growing a BytesIO 128 KiB at a time (each growth may copy all received so far), into bytes that
+  are not zero-filled first; the listener's join (`with_prefix`) then lets the views go, so that the
+  next message can reuse their chunks;
 - pynetdicom's standard logging handlers (a description of every PDU and message, built even when
   nothing is logged; they also read each data set) are unbound while its logger is not enabled for
   INFO, as the listener's command line sets it (its lines name UIDs);
@@ -54,26 +59,35 @@ log = logging.getLogger("cxr_embed.listener")
 _DUL_LOG = logging.getLogger("pynetdicom.dul")
 
 IDLE_WAIT_S = 0.05  # longest wait of an idle reader or reactor before it looks at its timers and flags
-DIRECT_READ = 2**16  # a PDU's remainder at least this long is read straight into the PDU
 LARGEST_PDU = 64 * 2**20  # a PDU declaring more is refused before its buffer is made (the listener's MAX_PDU)
 VIEW_AT_LEAST = 2**16  # data-set fragments at least this long are kept as views of their PDU (FragmentIO)
 JOIN_WITHOUT_GIL = 2**20  # joins at least this long are copied with the GIL released (`joined`)
-READ_AHEAD = 2**18  # the most one buffered socket read takes (per connection, made at its first read; a
-#                     DCMTK sender's PDU headers and short PDUs come several per read, long bodies
-#                     straight into their PDU: the reader takes the GIL back per read, not per 4 KiB)
 UNESTABLISHED_PDU = 2**20  # before an association is established, a PDU declaring more is refused
+CHUNK = 2**22  # a connection reads into buffers of this size (or of a PDU's, if larger), made at its first read
+SPARE_CHUNKS = 2  # a connection keeps at most this many chunks besides the one being read into
+UNESTABLISHED_CHUNK = 2**16  # before its association is established, a connection's chunks are this small
 _warned = threading.Event()
 
 
 class WaitingSocket(AssociationSocket):
-    """An AssociationSocket whose `ready` waits for data or a wake-up, and whose `recv` reads ahead."""
+    """An AssociationSocket whose `ready` waits for data or a wake-up, and whose reads hand out views of
+    large reusable buffers (chunks).
+
+    Received bytes not yet asked for are `_chunk[_start:_end]`; the socket is read into `_chunk[_end:]`.
+    A read that does not fit in what is left of the chunk moves, with what was read of it, to another
+    chunk: the same one from its start when nothing is pending and no view of it is alive, else a spare
+    of which no view is alive, else a new one. A chunk is reused only when the bytearray itself says
+    that no view of it (memoryview, numpy array made from one ...) exists (`_unexported`), so a byte is
+    never overwritten while anything can still read it; a chunk still held is left to its holders once
+    more than SPARE_CHUNKS are kept. Reads are the connection's DUL thread's alone."""
 
     _wake_r: socket.socket
     _wake_w: socket.socket
     _selector: selectors.BaseSelector  # the socket and the wake-up pair's reading end
-    _ahead: bytearray  # bytes read from the socket, not yet asked for: _ahead[_start:_end]
+    _chunk: bytearray
     _start: int
     _end: int
+    _spares: list
 
     @property
     def ready(self) -> bool:
@@ -94,45 +108,78 @@ class WaitingSocket(AssociationSocket):
         return self.socket in ready
 
     def recv(self, nr_bytes: int) -> bytearray:
-        """`nr_bytes` bytes (fewer once the connection has closed, as pynetdicom)."""
-        out = bytearray(nr_bytes)
-        del out[self.read_into(out, 0):]
+        """`nr_bytes` bytes (fewer once the connection has closed, as pynetdicom), a copy of their own."""
+        with self.view(nr_bytes) as view:
+            return bytearray(view)
+
+    def peek(self, nr_bytes: int) -> bytes:
+        """The next `nr_bytes` bytes (fewer once the connection has closed), left unread."""
+        self._fill(nr_bytes)
+        with memoryview(self._chunk) as chunk:
+            return bytes(chunk[self._start : min(self._start + nr_bytes, self._end)])
+
+    def view(self, nr_bytes: int) -> memoryview:
+        """The next `nr_bytes` bytes (fewer once the connection has closed) as a view of the chunk they
+        were read into: valid for as long as it is held (the chunk is not reused before)."""
+        self._fill(nr_bytes)
+        n = min(nr_bytes, self._end - self._start)
+        out = memoryview(self._chunk)[self._start : self._start + n]
+        self._start += n
         return out
 
-    def read_into(self, out: bytearray, pos: int) -> int:
-        """Fill `out[pos:]`: from what was read ahead, then a long remainder straight from the socket (the
-        kernel copies it, without the GIL), a short one through a read-ahead of all the socket holds (up
-        to READ_AHEAD). Returns the end of what was filled (short once the connection has closed)."""
-        if not self._ahead:  # made at the first read, not when the connection opens
-            self._ahead = bytearray(READ_AHEAD)
-        with memoryview(out) as dst, memoryview(self._ahead) as ahead:
-            while pos < len(out):
-                if self._start < self._end:
-                    take = min(len(out) - pos, self._end - self._start)
-                    dst[pos : pos + take] = ahead[self._start : self._start + take]
-                    self._start += take
-                    pos += take
-                elif len(out) - pos >= DIRECT_READ:
-                    n = self.socket.recv_into(dst[pos:], len(out) - pos)
-                    if not n:
-                        break
-                    pos += n
-                elif not self._fill():
-                    break
-        return pos
+    def _fill(self, n: int) -> None:
+        """Read until `n` bytes are buffered, or the connection has closed."""
+        if self._end - self._start >= n:
+            return
+        if self._start + n > len(self._chunk):
+            self._move(n)
+        with memoryview(self._chunk) as chunk:
+            while self._end - self._start < n:
+                got = self.socket.recv_into(chunk[self._end :], len(chunk) - self._end)
+                if not got:
+                    return
+                self._end += got
 
-    def _fill(self) -> bool:
-        with memoryview(self._ahead) as view:
-            n = self.socket.recv_into(view, len(view))
-        self._start, self._end = 0, n
-        return n > 0
+    def _move(self, n: int) -> None:
+        """Continue in a chunk with room for `n` bytes from its start, taking what is pending along."""
+        old, pending = self._chunk, self._end - self._start
+        size = max(CHUNK if self.assoc.is_established else UNESTABLISHED_CHUNK, n)
+        if not pending and len(old) >= size and _unexported(old):
+            self._start = self._end = 0
+            return
+        new = None
+        for k, spare in enumerate(self._spares):
+            if len(spare) >= size and _unexported(spare):
+                new = self._spares.pop(k)
+                break
+        if new is None:
+            new = bytearray(size)
+        if pending:
+            with memoryview(old) as src, memoryview(new) as dst:
+                dst[:pending] = src[self._start : self._end]
+        if old:
+            self._spares.append(old)
+            del self._spares[:-SPARE_CHUNKS]  # the oldest go to whoever still holds them
+        self._chunk, self._start, self._end = new, 0, pending
 
     def close(self) -> None:
         super().close()  # the socket becomes None first: a `ready` waiting on the pair then returns False
         self._selector.close()
         for end in (self._wake_r, self._wake_w):
             end.close()
-        self._ahead = bytearray()
+        self._chunk, self._spares = bytearray(), []
+        self._start = self._end = 0
+
+
+def _unexported(buf: bytearray) -> bool:
+    """True when no view (memoryview, numpy array ...) of `buf` is alive: a bytearray with exports
+    refuses to resize. Shrinking by one byte and growing back stays within its allocation (no copy)."""
+    try:
+        del buf[-1:]
+    except BufferError:
+        return False
+    buf.append(0)
+    return True
 
 
 def _drain(sock: socket.socket) -> None:
@@ -143,9 +190,14 @@ def _drain(sock: socket.socket) -> None:
         pass
 
 
-def _waking_put(put, wake: socket.socket):
+def _waking_put(put, wake: socket.socket, reader: threading.Thread):
+    """`put`, then a wake-up byte for the DUL thread (`reader`) unless it is the one putting: it is not
+    waiting then, and will look at its queues before it waits again (its own events, one per PDU read,
+    were a system call each, and another to drain them)."""
     def waking_put(item, block=True, timeout=None):
         put(item, block, timeout)
+        if threading.current_thread() is reader:
+            return
         try:
             wake.send(b"\0")
         except (BlockingIOError, OSError):  # the pair is full (a wake-up is pending anyway) or closed
@@ -163,13 +215,13 @@ def _waiting_get(get):
 
 def _direct_read(dul):
     """`dul._read_pdu_data`, as pynetdicom's (the same events: Evt17 for a closed connection or a short
-    PDU, Evt19 for an unknown type or one that does not decode), reading each PDU into one buffer of its
-    declared size instead of appending a second copy to the header's."""
+    PDU, Evt19 for an unknown type or one that does not decode), reading each PDU once, into the
+    connection's chunks (`WaitingSocket`): a P-DATA-TF PDU is decoded as a view of where it was read,
+    any other PDU is copied out for pynetdicom's decoders."""
     def read_pdu_data() -> None:
         sock = dul.socket
         try:
-            head = sock.recv(6)
-            pdu_type, _, length = struct.unpack(">BBL", head)
+            pdu_type, _, length = struct.unpack(">BBL", sock.peek(6))
         except (OSError, TimeoutError, struct.error):
             dul.event_queue.put("Evt17")  # the connection closed, or closed within a PDU header
             return
@@ -180,17 +232,19 @@ def _direct_read(dul):
             _DUL_LOG.error("Unknown PDU type 0x%02X or a PDU of %d bytes received", pdu_type, length)
             dul.event_queue.put("Evt19")
             return
-        pdu = bytearray(6 + length)
-        pdu[:6] = head
         try:
-            if sock.read_into(pdu, 6) != len(pdu):
-                _DUL_LOG.error("The received PDU is shorter than expected")
-                dul.event_queue.put("Evt17")
-                return
+            pdu = sock.view(6 + length)
         except (OSError, TimeoutError):
             _DUL_LOG.error("Connection closed before the entire PDU was received")
             dul.event_queue.put("Evt17")
             return
+        if len(pdu) != 6 + length:
+            _DUL_LOG.error("The received PDU is shorter than expected")
+            dul.event_queue.put("Evt17")
+            return
+        if pdu_type != 0x04 or not dul.assoc.is_established:
+            with pdu:
+                pdu = bytes(pdu)
         try:
             decoded, event = dul._decode_pdu(pdu)
             dul.event_queue.put(event)
@@ -209,14 +263,14 @@ def _viewing_decode(dul, decode):
     ended such a connection already)."""
     def decode_pdu(bytestream):
         if bytestream[:1] != b"\x04" or dul.assoc.get_handlers(evt.EVT_DATA_RECV):
-            return decode(bytestream)
+            return decode(_owned(bytestream))
         view, items, offset = memoryview(bytestream), [], 6
         while offset < len(view):
             if offset + 6 > len(view):
-                return decode(bytestream)
+                return decode(_owned(bytestream))
             length, context_id = struct.unpack_from(">LB", view, offset)
             if length < 2 or offset + 4 + length > len(view):
-                return decode(bytestream)
+                return decode(_owned(bytestream))
             item = PresentationDataValueItem()
             item.presentation_context_id = context_id
             item.presentation_data_value = view[offset + 5 : offset + 4 + length]
@@ -229,6 +283,11 @@ def _viewing_decode(dul, decode):
     return decode_pdu
 
 
+def _owned(bytestream):
+    """What pynetdicom's own decoder gets: an arena region as bytes of its own (it may keep parts)."""
+    return bytes(bytestream) if isinstance(bytestream, memoryview) else bytestream
+
+
 class FragmentIO(io.BytesIO):
     """A DIMSE message's data set as it arrives: its fragments (views of the received PDUs) kept in a
     list, joined once on the first read, then an ordinary BytesIO. `with_prefix` gives prefix + data
@@ -237,6 +296,7 @@ class FragmentIO(io.BytesIO):
     def __init__(self):
         super().__init__()
         self._parts: list | None = []  # views of large fragments, and bytearrays gathering small ones
+        self._after_prefix: tuple | None = None  # (with_prefix's bytes, where the data set starts in them)
         self._lock = threading.Lock()
 
     def write(self, data) -> int:
@@ -257,24 +317,43 @@ class FragmentIO(io.BytesIO):
             if self._parts is not None:
                 parts, self._parts = self._parts, None
                 io.BytesIO.__init__(self, joined(parts))  # the joined bytes are shared, not copied again
+            elif self._after_prefix is not None:  # read after with_prefix: the data set, copied out of it
+                whole, start = self._after_prefix
+                self._after_prefix = None
+                io.BytesIO.__init__(self, whole[start:])
 
     def with_prefix(self, prefix: bytes) -> bytes:
+        """prefix + data set, in one copy. The fragments (views of the connection's chunks) are let go,
+        so that the chunks can be reused for the next message; a later read copies the data set out of
+        the returned bytes."""
         with self._lock:
             if self._parts is not None:
-                return joined((prefix, *self._parts))
+                whole = joined((prefix, *self._parts))
+                self._parts, self._after_prefix = None, (whole, len(prefix))
+                return whole
         return joined((prefix, self.getvalue()))
+
+
+_FROM_SIZE = ctypes.pythonapi.PyBytes_FromStringAndSize
+_FROM_SIZE.restype, _FROM_SIZE.argtypes = ctypes.py_object, (ctypes.c_void_p, ctypes.c_ssize_t)
+
+
+def _new_bytes(n: int) -> bytes:
+    """A new bytes object of n bytes whose contents are whatever the allocator gave: fill it all."""
+    return _FROM_SIZE(None, n)
 
 
 def joined(parts) -> bytes:
     """b"".join(parts) for large parts, copied without holding the GIL: a new bytes object of the total
-    size is filled by ctypes.memmove (a foreign call, made with the GIL released) before anything else
-    holds it, as C code fills a PyBytes_FromStringAndSize(NULL, n). A 7 MB join holding the GIL was the
-    largest single wait of the listener's other threads (BENCHMARKS.md). Small joins: b"".join."""
+    size, made as C code makes one to fill (PyBytes_FromStringAndSize(NULL, n): not zero-filled first),
+    is filled by ctypes.memmove (a foreign call, made with the GIL released) before anything else holds
+    it. A 7 MB join holding the GIL was the largest single wait of the listener's other threads, and
+    zero-filling it first a third of its cost (BENCHMARKS.md). Small joins: b"".join."""
     views = [memoryview(p).cast("B") for p in parts]
     total = sum(len(v) for v in views)
     if total < JOIN_WITHOUT_GIL:
         return b"".join(views)
-    out = bytes(total)  # zero-filled and new: no other reference exists until it is returned
+    out = _new_bytes(total)  # new: no other reference exists until it is returned
     base = ctypes.cast(ctypes.c_char_p(out), ctypes.c_void_p).value
     pos = 0
     for view in views:
@@ -350,10 +429,10 @@ def wait_not_poll(assoc) -> bool:
     transport._selector = selectors.DefaultSelector()
     transport._selector.register(transport.socket, selectors.EVENT_READ)
     transport._selector.register(wake_r, selectors.EVENT_READ)
-    transport._ahead, transport._start, transport._end = bytearray(), 0, 0
+    transport._chunk, transport._start, transport._end, transport._spares = bytearray(), 0, 0, []
     transport.__class__ = WaitingSocket
     for q in (dul.event_queue, dul.to_provider_queue):
-        q.put = _waking_put(q.put, wake_w)
+        q.put = _waking_put(q.put, wake_w, dul)
     _unbind_standard_logging(assoc)
     dul._decode_pdu = _viewing_decode(dul, dul._decode_pdu)
     dul._read_pdu_data = _direct_read(dul)

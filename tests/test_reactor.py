@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -198,20 +199,29 @@ def test_a_p_data_item_that_does_not_fit_goes_to_pynetdicom(cut):
     assert used == [stream]
 
 
+def _reading_socket(sock, established=True):
+    transport = WaitingSocket.__new__(WaitingSocket)  # only what the reads use
+    transport.socket = sock
+    transport._assoc = SimpleNamespace(is_established=established)
+    transport._chunk, transport._start, transport._end, transport._spares = bytearray(), 0, 0, []
+    return transport
+
+
+def _sending(sock, payload, step=50_000):
+    def send():
+        for i in range(0, len(payload), step):
+            sock.sendall(payload[i:i + step])
+        sock.close()
+    sender = threading.Thread(target=send)
+    sender.start()
+    return sender
+
+
 def test_waiting_socket_reads_exactly_what_was_sent_in_any_sizes():
     a, b = socket.socketpair()
     payload = np.random.default_rng(1).bytes(3 * 2**20 + 17)
-
-    def send():
-        for i in range(0, len(payload), 50_000):
-            a.sendall(payload[i:i + 50_000])
-        a.close()
-
-    transport = WaitingSocket.__new__(WaitingSocket)  # only what recv uses
-    transport.socket = b
-    transport._ahead, transport._start, transport._end = bytearray(reactor.READ_AHEAD), 0, 0
-    sender = threading.Thread(target=send)
-    sender.start()
+    transport = _reading_socket(b)
+    sender = _sending(a, payload)
     got, sizes = bytearray(), [6, 131072, 1, 4096, 2**20]
     while True:
         chunk = transport.recv(sizes[len(got) % len(sizes)])
@@ -221,6 +231,80 @@ def test_waiting_socket_reads_exactly_what_was_sent_in_any_sizes():
     sender.join()
     b.close()
     assert bytes(got) == payload
+
+
+def test_a_view_still_held_is_never_overwritten_and_released_chunks_are_reused(monkeypatch):
+    """Views of the chunks (as PDUs, their PDV items and the data set's fragments are) keep their bytes
+    however much is read after them; once they are let go, the same few chunks serve the whole stream."""
+    monkeypatch.setattr(reactor, "CHUNK", 2**18)
+    a, b = socket.socketpair()
+    payload = np.random.default_rng(3).bytes(40 * 2**20)
+    transport = _reading_socket(b)
+    made = []
+    real_bytearray = bytearray
+    monkeypatch.setattr(reactor, "bytearray", lambda *args: made.append(1) or real_bytearray(*args), raising=False)
+    sender = _sending(a, payload, step=100_000)
+    held, pos, size = [], 0, 100_003  # PDU-sized reads that straddle the chunks' ends
+    while pos < len(payload):
+        view = transport.view(size)
+        assert len(view) == min(size, len(payload) - pos)
+        if pos // size % 50 == 0:  # kept: a numpy array made from it holds it too
+            held.append((pos, np.frombuffer(view, dtype=np.uint8)))
+        pos += len(view)
+        del view
+    sender.join()
+    b.close()
+    for start, array in held:
+        assert array.tobytes() == payload[start : start + len(array)]
+    # 40 MiB through 256 KiB chunks: without reuse about 160 would have been made
+    assert len(made) <= 3 + 2 * len(held), f"{len(made)} chunks made"
+
+
+def test_a_chunk_with_a_live_export_is_not_reusable():
+    buf = bytearray(1000)
+    view = memoryview(buf)[10:20]
+    array = np.frombuffer(view, dtype=np.uint8)
+    del view
+    assert not reactor._unexported(buf)
+    del array
+    assert reactor._unexported(buf) and len(buf) == 1000
+
+
+def test_pdus_are_decoded_as_views_other_pdus_as_bytes_of_their_own():
+    """A P-DATA-TF PDU of an established association reaches the decoder as a view of the chunk it
+    was read into; an A-ASSOCIATE-RQ (or anything before establishment) as bytes."""
+    a, b = socket.socketpair()
+    p_data = bytes(_p_data_pdu([(1, 0x02, b"y" * 5000)]))
+    other = bytes([0x05, 0, 0, 0, 0, 4]) + b"\0" * 4  # an A-RELEASE-RQ
+    a.sendall(p_data + other + p_data)
+    a.close()
+    decoded, events = [], []
+    dul = SimpleNamespace(socket=_reading_socket(b), assoc=SimpleNamespace(is_established=True),
+                          event_queue=SimpleNamespace(put=events.append), _recv_pdu=SimpleNamespace(put=lambda pdu: None),
+                          _decode_pdu=lambda pdu: (decoded.append(pdu), ("pdu", "Evt10"))[1])
+    read = reactor._direct_read(dul)
+    for _ in range(3):
+        read()
+    b.close()
+    assert [type(d) for d in decoded] == [memoryview, bytes, memoryview]
+    assert [bytes(d) for d in decoded] == [p_data, other, p_data] and events == ["Evt10"] * 3
+
+
+def test_the_readers_own_events_send_no_wake_up():
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    q = []
+    reader = threading.Thread(target=lambda: put("from the reader"))
+    put = reactor._waking_put(lambda item, block, timeout: q.append(item), a, reader)
+    reader.start()
+    reader.join()
+    with pytest.raises(BlockingIOError):
+        b.recv(16)  # nothing was sent
+    put("from another thread")
+    assert b.recv(16) == b"\0" and q == ["from the reader", "from another thread"]
+    a.close()
+    b.close()
 
 
 def test_a_large_join_without_the_gil_equals_bytes_join():
@@ -234,6 +318,8 @@ def test_a_large_join_without_the_gil_equals_bytes_join():
     for part in parts[1:]:
         io.write(memoryview(part))
     assert io.with_prefix(parts[0]) == b"".join(parts)
+    assert io._parts is None  # the fragments (views of the connection's chunks) are let go
+    assert io.getvalue() == b"".join(parts[1:])  # and the data set still reads as it was
 
 
 def test_tiny_fragments_are_copied_so_their_pdus_are_not_kept():
