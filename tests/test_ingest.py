@@ -220,3 +220,22 @@ def test_jpeg_ls_frame_decodes_like_uncompressed(dcm_dir):
     assert img.info.transfer_syntax.startswith("JPEG-LS")
     expect = (ref - ref.min()) / (ref.max() - ref.min())
     np.testing.assert_allclose(img.pixels, expect, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32])
+def test_the_stepped_gather_gives_what_one_take_gives(monkeypatch, dtype):
+    """The grey-level table is gathered in steps (no 8-byte-per-pixel index copy of the whole image):
+    every pixel gets the value one np.take gives, at any size, shape or stride, and an index outside
+    the table still fails loudly."""
+    from cxr_embed import dicom
+
+    monkeypatch.setattr(dicom, "GATHER_STEP", 1000)  # many steps, the last one short
+    rng = np.random.default_rng(7)
+    table = rng.random(40_000).astype(np.float32)
+    index = rng.integers(0, len(table), size=(301, 257)).astype(dtype)
+    for view in (index, index[::2, 1::3], index.T):
+        got = dicom.gather(table, view)
+        assert got.shape == view.shape and got.dtype == table.dtype
+        assert np.array_equal(got, np.take(table, view))
+    with pytest.raises(IndexError):
+        dicom.gather(table, np.array([[0, len(table)]], dtype=dtype))
