@@ -47,6 +47,7 @@ import selectors
 import socket
 import struct
 import threading
+import time
 
 import numpy as np
 from pynetdicom import evt
@@ -66,6 +67,7 @@ UNESTABLISHED_PDU = 2**20  # before an association is established, a PDU declari
 CHUNK = 2**22  # a connection reads into buffers of this size (or of a PDU's, if larger), made at its first read
 SPARE_CHUNKS = 2  # a connection keeps at most this many chunks besides the one being read into
 UNESTABLISHED_CHUNK = 2**16  # before its association is established, a connection's chunks are this small
+IDLE_RELEASE_S = 2.0  # a connection that has received nothing for this long lets its chunks go
 _warned = threading.Event()
 
 
@@ -79,7 +81,9 @@ class WaitingSocket(AssociationSocket):
     of which no view is alive, else a new one. A chunk is reused only when the bytearray itself says
     that no view of it (memoryview, numpy array made from one ...) exists (`_unexported`), so a byte is
     never overwritten while anything can still read it; a chunk still held is left to its holders once
-    more than SPARE_CHUNKS are kept. Reads are the connection's DUL thread's alone."""
+    more than SPARE_CHUNKS are kept. A connection that has received nothing for IDLE_RELEASE_S lets
+    its chunks go (an open, idle association holds no buffers). Reads are the connection's DUL
+    thread's alone."""
 
     _wake_r: socket.socket
     _wake_w: socket.socket
@@ -88,6 +92,7 @@ class WaitingSocket(AssociationSocket):
     _start: int
     _end: int
     _spares: list
+    _last_read: float = 0.0  # time.monotonic() of the last socket read that returned data
 
     @property
     def ready(self) -> bool:
@@ -105,7 +110,17 @@ class WaitingSocket(AssociationSocket):
             return False
         if self._wake_r in ready:
             _drain(self._wake_r)
-        return self.socket in ready
+        if self.socket in ready:
+            return True
+        if self._chunk and time.monotonic() - self._last_read > IDLE_RELEASE_S:
+            self._release()
+        return False
+
+    def _release(self) -> None:
+        """Let an idle connection's chunks go (views still held keep theirs alive for their holders):
+        an open association that sends nothing holds no buffers. Nothing is pending when called."""
+        self._chunk, self._spares = bytearray(), []
+        self._start = self._end = 0
 
     def recv(self, nr_bytes: int) -> bytearray:
         """`nr_bytes` bytes (fewer once the connection has closed, as pynetdicom), a copy of their own."""
@@ -139,6 +154,7 @@ class WaitingSocket(AssociationSocket):
                 if not got:
                     return
                 self._end += got
+                self._last_read = time.monotonic()
 
     def _move(self, n: int) -> None:
         """Continue in a chunk with room for `n` bytes from its start, taking what is pending along."""
@@ -167,8 +183,7 @@ class WaitingSocket(AssociationSocket):
         self._selector.close()
         for end in (self._wake_r, self._wake_w):
             end.close()
-        self._chunk, self._spares = bytearray(), []
-        self._start = self._end = 0
+        self._release()
 
 
 def _unexported(buf: bytearray) -> bool:

@@ -260,6 +260,35 @@ def test_a_view_still_held_is_never_overwritten_and_released_chunks_are_reused(m
     assert len(made) <= 3 + 2 * len(held), f"{len(made)} chunks made"
 
 
+def test_an_idle_connection_lets_its_chunks_go(monkeypatch):
+    """After IDLE_RELEASE_S without data an open connection holds no buffers; one that received data
+    lately keeps them (re-making them per message would cost a zero-fill and fresh pages each time)."""
+    import queue
+    import selectors
+
+    monkeypatch.setattr(reactor, "IDLE_WAIT_S", 0.01)
+    a, b = socket.socketpair()
+    wake_r, wake_w = socket.socketpair()
+    transport = _reading_socket(b)
+    transport._is_connected = True
+    transport._wake_r = wake_r
+    transport._selector = selectors.DefaultSelector()
+    transport._selector.register(b, selectors.EVENT_READ)
+    transport._selector.register(wake_r, selectors.EVENT_READ)
+    transport._assoc.dul = SimpleNamespace(_kill_thread=False, event_queue=queue.Queue(), to_provider_queue=queue.Queue())
+    a.sendall(b"x" * 1000)
+    assert transport.ready and bytes(transport.view(1000)) == b"x" * 1000
+    assert len(transport._chunk) == reactor.CHUNK
+    assert not transport.ready and len(transport._chunk) == reactor.CHUNK  # idle, but not for long
+    transport._last_read -= reactor.IDLE_RELEASE_S + 1
+    assert not transport.ready and transport._chunk == bytearray() and transport._spares == []
+    a.sendall(b"y" * 10)  # and it reads on as before
+    assert transport.ready and bytes(transport.view(10)) == b"y" * 10
+    transport._selector.close()
+    for end in (a, b, wake_r, wake_w):
+        end.close()
+
+
 def test_a_chunk_with_a_live_export_is_not_reusable():
     buf = bytearray(1000)
     view = memoryview(buf)[10:20]
