@@ -151,7 +151,6 @@ for _name in ["pydicom", *(n for n in list(logging.root.manager.loggerDict) if n
     logging.getLogger(_name).addFilter(_STASH_FILTER)
 
 
-
 @contextlib.contextmanager
 def _header_phase(caught: list[str]) -> Iterator[list]:
     """Catch pydicom's warnings (yielded, and added to `caught`) while the header is parsed and read."""

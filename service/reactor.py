@@ -117,8 +117,9 @@ class WaitingSocket(AssociationSocket):
         return False
 
     def _release(self) -> None:
-        """Let an idle connection's chunks go (views still held keep theirs alive for their holders):
-        an open association that sends nothing holds no buffers. Nothing is pending when called."""
+        """Hold no chunks (views still held keep theirs alive for their holders): at the start, when
+        closed, and when idle (an open association that sends nothing holds no buffers). Drops what
+        is pending: called only when nothing is."""
         self._chunk, self._spares = bytearray(), []
         self._start = self._end = 0
 
@@ -299,7 +300,8 @@ def _viewing_decode(dul, decode):
 
 
 def _owned(bytestream):
-    """What pynetdicom's own decoder gets: an arena region as bytes of its own (it may keep parts)."""
+    """What pynetdicom's own decoder gets: a view of a connection's chunk as bytes of its own (it may
+    keep parts, and the chunk is reused once no view of it is alive)."""
     return bytes(bytestream) if isinstance(bytestream, memoryview) else bytestream
 
 
@@ -444,8 +446,8 @@ def wait_not_poll(assoc) -> bool:
     transport._selector = selectors.DefaultSelector()
     transport._selector.register(transport.socket, selectors.EVENT_READ)
     transport._selector.register(wake_r, selectors.EVENT_READ)
-    transport._chunk, transport._start, transport._end, transport._spares = bytearray(), 0, 0, []
     transport.__class__ = WaitingSocket
+    transport._release()  # no chunk yet: the first read makes one
     for q in (dul.event_queue, dul.to_provider_queue):
         q.put = _waking_put(q.put, wake_w, dul)
     _unbind_standard_logging(assoc)

@@ -203,7 +203,7 @@ def _reading_socket(sock, established=True):
     transport = WaitingSocket.__new__(WaitingSocket)  # only what the reads use
     transport.socket = sock
     transport._assoc = SimpleNamespace(is_established=established)
-    transport._chunk, transport._start, transport._end, transport._spares = bytearray(), 0, 0, []
+    transport._release()
     return transport
 
 
