@@ -24,6 +24,9 @@ import ctypes.util
 import os
 import sys
 
+from .errors import parse_flag
+
+ENV = "CXR_EMBED_MALLOC_TUNING"
 M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
 M_MMAP_THRESHOLD = -3
@@ -34,12 +37,14 @@ _applied: bool | None = None
 
 
 def keep_freed_memory() -> bool:
-    """Apply the settings above once per process; True if they are in effect."""
+    """Apply the settings above once per process; True if they are in effect. ConfigError when
+    CXR_EMBED_MALLOC_TUNING is not a flag (`parse_flag`: a typo never turns it on or off silently)."""
     global _applied
     if _applied is not None:
         return _applied
+    wanted = parse_flag(ENV, os.environ.get(ENV, "1"))  # ConfigError for a value that is not a flag
     _applied = False
-    if os.environ.get("CXR_EMBED_MALLOC_TUNING", "1").strip().lower() in ("0", "false", "no", "off"):
+    if not wanted:
         return False
     if not sys.platform.startswith("linux"):
         return False

@@ -391,8 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .process import configure_process
 
-    configure_process()  # the one place the CLI changes process-wide settings (process.py)
     try:
+        configure_process()  # the one place the CLI changes process-wide settings (process.py)
         return int(args.func(args) or 0)
     except CxrEmbedError as exc:
         print(f"cxr-embed {args.command}: error: {exc}", file=sys.stderr)

@@ -142,6 +142,18 @@ class ConfigError(CxrEmbedError, ValueError):
     code = "bad_setting"
 
 
+FLAG_VALUES = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def parse_flag(name: str, raw: str) -> bool:
+    """An on/off setting's text (an environment variable's value): 1/0, true/false, yes/no or on/off,
+    in any case; anything else is a ConfigError that names the setting, never a silent default."""
+    value = FLAG_VALUES.get(raw.strip().lower())
+    if value is None:
+        raise ConfigError(f"{name}={raw!r}: expected 1/0, true/false, yes/no or on/off")
+    return value
+
+
 class NonFiniteEmbedding(ModelError):
     """The model gave NaN or infinite values for an image (damaged weights, a broken backend):
     a failure of ours for that image, never an embedding."""

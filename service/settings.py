@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields, replace
 
-from cxr_embed.errors import ConfigError
+from cxr_embed.errors import ConfigError, parse_flag
 from cxr_embed.runtime import RuntimeSettings
 
 ENV_PREFIX = "CXR_EMBED_"
@@ -105,11 +105,7 @@ class ServiceSettings:
 def _parse(f, raw: str):
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     if kind == "bool":
-        value = {"1": True, "true": True, "yes": True, "on": True,
-                 "0": False, "false": False, "no": False, "off": False}.get(raw.strip().lower())
-        if value is None:
-            raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}={raw!r}: expected 1/0, true/false, yes/no or on/off")
-        return value
+        return parse_flag(ENV_PREFIX + f.name.upper(), raw)
     try:
         if kind.startswith("int"):
             return int(raw)

@@ -348,12 +348,27 @@ def test_malloc_tuning_applies_once_and_can_be_turned_off():
     """glibc keeps freed buffers (allocator.py); CXR_EMBED_MALLOC_TUNING=0 leaves malloc alone."""
     code = ("from cxr_embed.allocator import keep_freed_memory as k; "
             "import platform; print(k(), k(), platform.libc_ver()[0])")
-    for value, expected in (("1", "True"), ("0", "False")):
+    for value, expected in (("1", "True"), ("0", "False"), (" Off ", "False"), ("yes", "True")):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                              env={**os.environ, "CXR_EMBED_MALLOC_TUNING": value}).stdout.split()
         if out[2] != "glibc":
             pytest.skip("malloc tuning is for glibc only")
         assert out[:2] == [expected, expected]
+
+
+def test_a_flag_that_is_not_one_is_refused_by_name():
+    """A typo in an on/off variable is a typed error naming it, never a silent on or off: the same
+    parser for the allocator's flag (read before any command runs) and the service's settings."""
+    from cxr_embed.errors import ConfigError
+    from service.settings import ServiceSettings
+
+    env = {**os.environ, "CXR_EMBED_MALLOC_TUNING": "flase"}
+    run = subprocess.run([sys.executable, "-m", "cxr_embed", "models"], capture_output=True, text=True, env=env)
+    assert run.returncode == 2, run.stderr
+    assert "CXR_EMBED_MALLOC_TUNING='flase'" in run.stderr and "Traceback" not in run.stderr
+    with pytest.raises(ConfigError, match="CXR_EMBED_TORCHSCRIPT='maybe'"):
+        ServiceSettings.from_env({"CXR_EMBED_TORCHSCRIPT": "maybe"})
+    assert ServiceSettings.from_env({"CXR_EMBED_TORCHSCRIPT": "OFF"}).runtime.torchscript is False
 
 
 def test_embed_route_equals_the_embed_command(server, dcm_dir, tmp_path):
