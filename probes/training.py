@@ -6,8 +6,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from cxr_embed.labels import read_labels
 from cxr_embed.store import Store
 

@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.tag import Tag
 
-from cxr_embed.errors import ImageTooLarge, InputError, InvalidPixelTransform, TruncatedImage, UndecodableImage
+from cxr_embed.errors import ImageTooLarge, InputError, InvalidPixelTransform, UndecodableImage
 from cxr_embed.ingest import MAX_PIXELS, load_image
 
 ROOT = Path(__file__).resolve().parents[1]

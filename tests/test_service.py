@@ -1,13 +1,10 @@
 """The real service: uvicorn in a subprocess on 127.0.0.1, called over HTTP with httpx."""
 
-import asyncio
 import base64
 import io
 import os
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from servers import Server, free_port
+from servers import Server
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ Skipped only where no browser can be had; with CI set (CI installs chromium) tha
 from __future__ import annotations
 
 import csv
-import io
 import os
 import shutil
 from pathlib import Path
