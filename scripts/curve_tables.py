@@ -3,6 +3,7 @@
     python scripts/curve_tables.py docs/curves tb_shenzhen_mc covid_cohen nih_pneumonia rsna_opacity
     python scripts/curve_tables.py docs/curves --at 45 tb_shenzhen_mc ...   # one row per task and probe
     python scripts/curve_tables.py docs/curves --fit tb_shenzhen_mc ...     # the learning-curve fits (fit.csv)
+    python scripts/curve_tables.py docs/finetune --finetune tb_shenzhen_mc ...  # probes against fine-tuning
 
 A difference is in bold only where its 95% interval excludes 0 and its Holm-adjusted one-sided p is
 below 0.05. The metadata-only column is the linear metadata baseline at the same size.
@@ -62,6 +63,40 @@ def at_size_table(root: Path, tasks: list[str], size: str) -> list[str]:
     return head + lines + [""]
 
 
+FINETUNED = (("full, ours", "finetune-full:cxr-supcon-effnet-lite0"),
+             ("full, ImageNet", "finetune-full:imagenet-effnet-lite0"),
+             ("last-block", "finetune-last-block:cxr-supcon-effnet-lite0"))
+GOAL = 0.03  # issue 18: the linear probe at most this far below full fine-tuning
+
+
+def finetune_table(root: Path, tasks: list[str]) -> list[str]:
+    """One row per task and size: the first store's probes and each fine-tuned model (mean AUC over the
+    draws), and the linear probe minus each fine-tuned model on the same draws (95% CI)."""
+    names = [n for n, _ in FINETUNED]
+    lines = ["| task | labels | draws | linear probe | GBM probe | " + " | ".join(names) + " | "
+             + " | ".join(f"linear minus {n}" for n in names) + " |", "|---" * (5 + 2 * len(names)) + "|"]
+    for task in tasks:
+        comparison, by, _ = load(root / task)
+        first = comparison[0]["model_a"]
+        for size in dict.fromkeys(c["size"] for c in comparison):
+            diffs = {c["model_b"]: c for c in comparison if c["size"] == size and c["probe"] == "linear"}
+            aucs = [by.get((m, "finetune", size)) for _, m in FINETUNED]
+            cells = [f"{float(r['auc_mean']):.3f}" if r else "not run" for r in aucs]
+            gaps = []
+            for _, m in FINETUNED:
+                c = diffs.get(m)
+                if c is None:
+                    gaps.append("not run")
+                    continue
+                text = f"{float(c['difference']):+.3f} ({float(c['diff_ci_low']):+.3f} to {float(c['diff_ci_high']):+.3f})"
+                gaps.append(f"**{text}**" if float(c["difference"]) < -GOAL else text)
+            lin, gbm = by[(first, "linear", size)], by.get((first, "gbm", size))
+            gbm_cell = f"{float(gbm['auc_mean']):.3f}" if gbm else "n/a"
+            lines.append(" | ".join([f"| {task}", lin["n_train"], lin["draws"], f"{float(lin['auc_mean']):.3f}", gbm_cell,
+                                     *cells, *gaps]) + " |")
+    return lines + ["", f"In bold: the linear probe's mean more than {GOAL} below the fine-tuned model's.", ""]
+
+
 def _count(text: str) -> str:
     v = float(text)
     return "inf" if v == float("inf") else (f"{v:.0f}" if v < 1e5 else f"{v:.0e}".replace("+0", "").replace("+", ""))
@@ -88,7 +123,11 @@ def main(argv=None) -> None:
     ap.add_argument("tasks", nargs="+")
     ap.add_argument("--at", help="one size only (e.g. 45): one row per task and probe")
     ap.add_argument("--fit", action="store_true", help="the learning-curve fits of fit.csv")
+    ap.add_argument("--finetune", action="store_true", help="the probes against the fine-tuned models, per size")
     args = ap.parse_args(argv)
+    if args.finetune:
+        print("\n".join(finetune_table(args.root, args.tasks)))
+        return
     if args.fit:
         print("\n".join(fit_table(args.root, args.tasks)))
         return
