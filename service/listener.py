@@ -32,6 +32,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.fsm import TRANSITION_TABLE
 
 from cxr_embed.chest import is_reliable
 from cxr_embed.errors import ConfigError, CxrEmbedError
@@ -318,9 +319,34 @@ class Listener:
 
 def _on_open(event, max_pdu: int, max_message: int) -> None:
     """A connection opened (before its association's threads start): bound what the peer may send
-    (`pdu_limits.py`), and let its threads wait rather than poll (`reactor.py`)."""
+    (`pdu_limits.py`), let its threads wait rather than poll (`reactor.py`), and make a late abort harmless."""
     bound_connection(event, max_pdu, max_message)
     wait_not_poll(event.assoc)
+    late_abort_is_a_no_op(event.assoc)
+
+
+def late_abort_is_a_no_op(assoc) -> bool:
+    """An abort that reaches the association after its connection began to close does nothing.
+
+    `stop()` aborts the associations still open; one whose peer is releasing it at that moment may have
+    sent its release reply already (Sta13: awaiting the transport's close). pynetdicom's state machine has
+    no transition for an A-ABORT request there (PS3.8 table 9-10 has none: nothing is left to abort) and
+    raises InvalidEventError in the association's reader thread, which dies with a traceback on stderr
+    (seen once in CI, in the Ctrl-C-during-traffic test). Every other event keeps pynetdicom's behaviour.
+    False when the state machine is not the expected one (then nothing changes)."""
+    machine = getattr(getattr(assoc, "dul", None), "state_machine", None)
+    if machine is None or not callable(getattr(machine, "do_action", None)) or not hasattr(machine, "current_state"):
+        return False
+    do_action = machine.do_action
+
+    def do_action_unless_closing(event: str) -> None:
+        if event == "Evt15" and (event, machine.current_state) not in TRANSITION_TABLE:
+            log.debug("an abort requested in state %s (the connection is closing) does nothing", machine.current_state)
+            return
+        do_action(event)
+
+    machine.do_action = do_action_unless_closing
+    return True
 
 
 def received_file(event) -> bytes:

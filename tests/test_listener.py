@@ -301,3 +301,39 @@ def test_listener_runs_the_model_on_single_threaded_workers_unless_told(monkeypa
     assert (runtime.model_threads, runtime.cpu_workers) == (2, 1)
     with pytest.raises(ConfigError, match="max_pdu must be 4096"):
         ListenerSettings(out="s.h5", max_pdu=0)  # 0 would be "unlimited" to pynetdicom
+
+
+def test_an_abort_that_arrives_while_the_connection_closes_does_nothing(tmp_path):
+    """`stop()` aborts the associations still open; one that is already closing (Sta13: its release
+    reply or abort sent, awaiting the transport's close) has no transition for an abort, and
+    pynetdicom's state machine raised InvalidEventError in its reader thread (a traceback on stderr,
+    seen once in CI). Now such an abort does nothing; other invalid events still raise."""
+    from pynetdicom import AE
+    from pynetdicom.fsm import InvalidEventError
+    from pynetdicom.sop_class import Verification
+
+    from service.listener import Listener, ListenerSettings
+    from service.settings import ServiceSettings
+
+    settings = ListenerSettings(out=tmp_path / "s.h5", service=ServiceSettings.build(model=MODEL), port=0)
+    with Listener(settings) as listener:
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", listener.port, ae_title="CXREMBED")
+        assert assoc.is_established
+        deadline = time.monotonic() + 10
+        while not listener._ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (acceptor,) = listener._ae.active_associations
+        machine = acceptor.dul.state_machine
+        assert machine.current_state == "Sta6"
+        machine.current_state = "Sta13"  # idle association: its reader thread has no event to act on meanwhile
+        try:
+            machine.do_action("Evt15")  # an A-ABORT request: nothing happens
+            assert machine.current_state == "Sta13"
+            with pytest.raises(InvalidEventError, match="Evt9"):
+                machine.do_action("Evt9")  # a P-DATA request while closing is still pynetdicom's error
+        finally:
+            machine.current_state = "Sta6"
+        assert int(assoc.send_c_echo().Status) == 0  # the association works on
+        assoc.release()
