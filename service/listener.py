@@ -328,12 +328,12 @@ def _on_open(event, max_pdu: int, max_message: int) -> None:
 def late_abort_is_a_no_op(assoc) -> bool:
     """An abort that reaches the association after its connection began to close does nothing.
 
-    `stop()` aborts the associations still open; one whose peer is releasing it at that moment may have
-    sent its release reply already (Sta13: awaiting the transport's close). pynetdicom's state machine has
-    no transition for an A-ABORT request there (PS3.8 table 9-10 has none: nothing is left to abort) and
-    raises InvalidEventError in the association's reader thread, which dies with a traceback on stderr
-    (seen once in CI, in the Ctrl-C-during-traffic test). Every other event keeps pynetdicom's behaviour.
-    False when the state machine is not the expected one (then nothing changes)."""
+    `stop()` aborts the associations still open; one may already be closing at that moment (Sta13, its
+    release reply or an abort sent, awaiting the transport's close). pynetdicom's state table, like
+    PS3.8's, has no transition for an A-ABORT request there (nothing is left to abort), so its state
+    machine raised InvalidEventError in the association's reader thread, which died with a traceback on
+    stderr (seen once in CI, in the Ctrl-C-during-traffic test). Every other event keeps pynetdicom's
+    behaviour. False when the state machine is not the expected one (then nothing changes)."""
     machine = getattr(getattr(assoc, "dul", None), "state_machine", None)
     if machine is None or not callable(getattr(machine, "do_action", None)) or not hasattr(machine, "current_state"):
         return False
