@@ -81,7 +81,9 @@ def finetune_table(root: Path, tasks: list[str]) -> list[str]:
         for size in dict.fromkeys(c["size"] for c in comparison):
             diffs = {c["model_b"]: c for c in comparison if c["size"] == size and c["probe"] == "linear"}
             aucs = [by.get((m, "finetune", size)) for _, m in FINETUNED]
-            cells = [f"{float(r['auc_mean']):.3f}" if r else "not run" for r in aucs]
+            lin = by[(first, "linear", size)]
+            cells = [("not run" if r is None else f"{float(r['auc_mean']):.3f}"
+                      + ("" if r["draws"] == lin["draws"] else f" ({r['draws']} draws)")) for r in aucs]
             gaps = []
             for _, m in FINETUNED:
                 c = diffs.get(m)
@@ -90,7 +92,7 @@ def finetune_table(root: Path, tasks: list[str]) -> list[str]:
                     continue
                 text = f"{float(c['difference']):+.3f} ({float(c['diff_ci_low']):+.3f} to {float(c['diff_ci_high']):+.3f})"
                 gaps.append(f"**{text}**" if float(c["difference"]) < -GOAL else text)
-            lin, gbm = by[(first, "linear", size)], by.get((first, "gbm", size))
+            gbm = by.get((first, "gbm", size))
             gbm_cell = f"{float(gbm['auc_mean']):.3f}" if gbm else "n/a"
             lines.append(" | ".join([f"| {task}", lin["n_train"], lin["draws"], f"{float(lin['auc_mean']):.3f}", gbm_cell,
                                      *cells, *gaps]) + " |")
