@@ -38,6 +38,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from listener_throughput import busy_since, dcmtk_storescu, machine_cpu, sender_commands, source_file  # noqa: E402
 
+WARM = 4  # instances sent before the measurement (model warm-up), not timed
+
 
 class Timed:
     """A future whose `result` marks the thread's timeline before and after the wait."""
@@ -130,7 +132,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         settings = ListenerSettings(out=Path(tmp) / "S.h5", service=listener_service_settings(model=args.model), port=0)
         with Listener(settings) as listener:
-            warm = [storescu, "-aec", "CXREMBED", "-R", "+II", "--repeat", "4", "127.0.0.1", str(listener.port),
+            warm = [storescu, "-aec", "CXREMBED", "-R", "+II", "--repeat", str(WARM), "127.0.0.1", str(listener.port),
                     str(source_file())]
             subprocess.run(warm, check=True, capture_output=True)
             marks, batches = collections.defaultdict(list), []
@@ -144,7 +146,7 @@ def main() -> None:
             stored = listener.statuses.get(0, 0)
     spans = stages(marks)
     print(f"{args.n} instances over {args.associations} associations: {args.n / elapsed:.1f} instances/s, "
-          f"machine {busy:.0%} busy, {stored - 4} stored")
+          f"machine {busy:.0%} busy, {stored - WARM} stored")
     total = 0.0
     for name in ("network", "header", "prepare", "model wait", "commit wait", "rest"):
         v = np.array(spans[name]) * 1000

@@ -20,8 +20,12 @@ def _ci(r: dict, key: str = "auc") -> str:
     return f"{float(r[key + '_mean']):.3f} ({float(r[key + '_ci_low']):.3f}-{float(r[key + '_ci_high']):.3f})"
 
 
+def _diff_text(c: dict) -> str:
+    return f"{float(c['difference']):+.3f} ({float(c['diff_ci_low']):+.3f} to {float(c['diff_ci_high']):+.3f})"
+
+
 def _diff(c: dict) -> str:
-    text = f"{float(c['difference']):+.3f} ({float(c['diff_ci_low']):+.3f} to {float(c['diff_ci_high']):+.3f})"
+    text = _diff_text(c)
     return f"**{text}**" if float(c["p_holm"]) < 0.05 and float(c["diff_ci_low"]) > 0 else text
 
 
@@ -90,7 +94,7 @@ def finetune_table(root: Path, tasks: list[str]) -> list[str]:
                 if c is None:
                     gaps.append("not run")
                     continue
-                text = f"{float(c['difference']):+.3f} ({float(c['diff_ci_low']):+.3f} to {float(c['diff_ci_high']):+.3f})"
+                text = _diff_text(c)
                 gaps.append(f"**{text}**" if float(c["difference"]) < -GOAL else text)
             gbm = by.get((first, "gbm", size))
             gbm_cell = f"{float(gbm['auc_mean']):.3f}" if gbm else "n/a"

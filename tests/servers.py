@@ -1,4 +1,5 @@
-"""A real `cxr-embed serve` in a subprocess on 127.0.0.1, for tests that talk to it over HTTP."""
+"""A real `cxr-embed serve` in a subprocess on 127.0.0.1, for tests that talk to it over HTTP; and a
+real DICOM listener in this process (`in_process_listener`)."""
 
 import os
 import socket
@@ -13,6 +14,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def in_process_listener(tmp_path, model: str = "imagenet-effnet-lite0", **settings):
+    """A `service.listener.Listener` storing into tmp_path/s.h5, on a free port (`listener.port` once
+    started; use it as a context manager)."""
+    from service.listener import Listener, ListenerSettings
+    from service.settings import ServiceSettings
+
+    return Listener(ListenerSettings(out=tmp_path / "s.h5", service=ServiceSettings.build(model=model), port=0,
+                                     **settings))
 
 
 class Server:

@@ -18,7 +18,7 @@ from cxr_embed import Store
 from cxr_embed.errors import ConfigError
 from cxr_embed.models import create_model
 from probes import save_probe, train_probe
-from servers import free_port
+from servers import free_port, in_process_listener
 
 MODEL = "imagenet-effnet-lite0"
 MARKERS = ("ZZQMARKERNAME", "ZZQMARKERID77", "19011231")  # PatientName, PatientID, PatientBirthDate of a copy
@@ -312,11 +312,7 @@ def test_an_abort_that_arrives_while_the_connection_closes_does_nothing(tmp_path
     from pynetdicom.fsm import InvalidEventError
     from pynetdicom.sop_class import Verification
 
-    from service.listener import Listener, ListenerSettings
-    from service.settings import ServiceSettings
-
-    settings = ListenerSettings(out=tmp_path / "s.h5", service=ServiceSettings.build(model=MODEL), port=0)
-    with Listener(settings) as listener:
+    with in_process_listener(tmp_path, MODEL) as listener:
         ae = AE(ae_title="TESTSCU")
         ae.add_requested_context(Verification)
         assoc = ae.associate("127.0.0.1", listener.port, ae_title="CXREMBED")

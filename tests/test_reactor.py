@@ -18,6 +18,7 @@ from pynetdicom.pdu import P_DATA_TF
 
 from cxr_embed import Store
 from cxr_embed.runtime import Runtime, RuntimeSettings
+from servers import in_process_listener
 from service import reactor
 from service.reactor import FragmentIO, WaitingSocket, wait_not_poll
 
@@ -48,14 +49,6 @@ for ds in datasets:
     print(ds.SOPInstanceUID, int(assoc.send_c_store(ds).Status), flush=True)
 assoc.release()
 """
-
-
-def _listener(tmp_path, **settings):
-    from service.listener import Listener, ListenerSettings
-    from service.settings import ServiceSettings
-
-    return Listener(ListenerSettings(out=tmp_path / "s.h5", service=ServiceSettings.build(model=MODEL), port=0,
-                                     **settings))
 
 
 def _client(tmp_path, port, idle, paths):
@@ -377,7 +370,7 @@ def test_a_large_pdu_before_any_association_is_refused_before_its_buffer(tmp_pat
     once rather than reserving 4 MiB for a peer that may never send it; then it serves others."""
     import struct
 
-    with _listener(tmp_path) as listener:
+    with in_process_listener(tmp_path, MODEL) as listener:
         with socket.create_connection(("127.0.0.1", listener.port), timeout=20) as peer:
             peer.sendall(struct.pack(">BBL", 0x04, 0, 4 * 2**20))
             received = b""
