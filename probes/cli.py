@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from cxr_embed.cli import add_backend_options
+from cxr_embed.optional import require
 
 
 def register(sub) -> None:
@@ -122,6 +123,7 @@ def _add_finetune(sub) -> None:
 def _cmd_finetune(args) -> int:
     import dataclasses
 
+    require("torch", "cxr-embed finetune")  # a slim install: MissingDependency, not a traceback
     from .curve import parse_sizes
     from .finetune import FinetuneConfig, run_finetune
 
@@ -263,6 +265,7 @@ def _add_explain(sub) -> None:
 
 
 def _cmd_explain(args) -> int:
+    require("torch", "cxr-embed explain")  # Grad-CAM and occlusion run the torch model
     from .explain import explain_image, write_explanation
     from .overlay import check_outputs
 

@@ -87,6 +87,8 @@ try:
 except MissingDependency as exc:
     print("refused:", exc)
 print("code", main(["pretrain"]))
+for argv in (["finetune", "--labels", "l.csv", "--model", "m", "--out", "o.csv"], ["explain", sys.argv[1], "--out", "o.png"]):
+    print(argv[0], "code", main(argv))
 print("loaded:", sorted(m for m in sys.modules if m.split(".")[0] in {"torch", "timm", "onnx"}))
 """
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CXR_EMBED_CACHE": str(tmp_path / "cache")}
@@ -97,6 +99,9 @@ print("loaded:", sorted(m for m in sys.modules if m.split(".")[0] in {"torch", "
     assert "(1280,) True ['dicom_tags', 'image']" in out and "loaded: []" in out and "code 2" in out
     assert "refused: the torch backend (--runtime torch) needs the torch package" in out
     assert "install the full package (pip install cxr-embed" in out and "pretraining" in proc.stderr
+    assert "finetune code 2" in out and "explain code 2" in out  # MissingDependency, not a traceback
+    assert "cxr-embed finetune needs the torch package" in proc.stderr
+    assert "cxr-embed explain needs the torch package" in proc.stderr
     assert not (tmp_path / "cache").exists()  # the shipped exports ran: nothing was exported
 
 
