@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import math
 import os
 import sys
@@ -38,7 +39,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cxr_embed.augment import augment
-from cxr_embed.errors import ConfigError, LabelError
+from cxr_embed.errors import ConfigError, CxrEmbedError, LabelError
 from cxr_embed.labels import read_labels
 from cxr_embed.models import EmbeddingModel, create_model
 from cxr_embed.pretrain import freeze_stages, lr_at
@@ -48,7 +49,13 @@ from cxr_embed.threads import model_threads
 from .curve import plan_draws
 from .finetune_config import PROBE, STRATEGIES, FinetuneConfig  # noqa: F401 (public here too)
 from .image_cache import TensorCache, canonical, open_or_build
-from .rows import RowsFileError, ScoredFit, ScoredRows, fit_row
+from .rows import RowsFileError, ScoredFit, ScoredRows, fit_row, writing
+
+
+class FitDiverged(CxrEmbedError):
+    """A fit whose test scores are not finite (its training diverged): not stored as a result."""
+
+    code = "fit_diverged"
 
 class Classifier(nn.Module):
     """A backbone and a linear head giving one logit per image; the head starts at zero."""
@@ -156,6 +163,9 @@ def load_task(labels, image_root, base: EmbeddingModel, cache_path, positive: st
                          f"{len(table.classes)} classes: name one with --positive to draw it against the rest")
     root = Path(image_root) if image_root else table.path.parent
     train, test = table.rows("train"), table.rows("test")
+    for split, rows in (("train", train), ("test", test)):
+        if len({int(table.labels[i]) for i in rows}) < 2:
+            raise LabelError(f"{table.path}: its {split} split has one class only; an AUC needs both")
     cache = open_or_build(cache_path, [table.images[i] for i in train + test], root, base, progress, log)
     if cache.failed:
         first = next(iter(cache.failed.items()))
@@ -164,6 +174,8 @@ def load_task(labels, image_root, base: EmbeddingModel, cache_path, positive: st
     test = [j for j in test if table.images[j] in cache]
     if not train or not test:
         raise LabelError(f"{table.path}: no train or no test image decoded under {root}; is --image-root right?")
+    if len({int(table.labels[j]) for j in test}) < 2:
+        raise LabelError(f"{table.path}: the test images of one class did not decode under {root}; an AUC needs both")
     return FinetuneTask(table.task, [table.images[i] for i in train], table.labels[train],
                         [table.patients[i] for i in train], [table.images[j] for j in test], table.labels[test], cache)
 
@@ -235,25 +247,70 @@ def run_finetune(labels: str | os.PathLike, image_root: str | os.PathLike | None
     name = f"finetune-{strategy}:{base.name}"
     build_classifier(base, strategy)  # refuses an unknown strategy before any decoding
     out = Path(out)
-    rows = ScoredRows(out)
-    _check_rows(rows, name, Path(labels).stem, config, out)
-    task = load_task(labels, image_root, base, Path(cache) if cache else out.with_name(f"{out.stem}.cache.h5"),
-                     positive, progress, log)
-    plan = plan_draws(task.tr_y, task.tr_pat, list(sizes), repeats, seed, log)
-    todo = [(size, rep, idx) for size, rep, idx in plan if (name, PROBE, str(size), rep) not in rows]
-    result = FinetuneResult(out, name, 0, len(plan) - len(todo), None)
-    if not todo:
-        log(f"all {len(plan)} fits of {name} are already in {out}")
-        return result
-    first = todo[0][2]
-    cpu_img, wall_img = measure(base, strategy, config, task.cache.planes([task.tr_images[i] for i in first]),
-                                task.tr_y[first], dev)
-    result.estimate = Estimate(len(todo), len(todo) * config.steps * config.batch_size, cpu_img, wall_img)
-    log(f"{name} on {task.name}: {len(todo)} of {len(plan)} fits to run. {result.estimate.text(dev)}")
-    _run_fits(task, base, strategy, name, config, todo, rows, dev, seed, progress)
+    with writing(out):
+        rows = ScoredRows(out)
+        _check_rows(rows, name, Path(labels).stem, config, out)
+        run = {"weights": base.weights_hash, "labels_sha256": _file_hash(labels), "positive": positive, "seed": int(seed)}
+        _check_run(rows, name, run, out)  # before decoding a task's images: the cheap part first
+        task = load_task(labels, image_root, base, Path(cache) if cache else out.with_name(f"{out.stem}.cache.h5"),
+                         positive, progress, log)
+        run["images"] = task.cache.data_hash
+        _check_run(rows, name, run, out)
+        plan = plan_draws(task.tr_y, task.tr_pat, list(sizes), repeats, seed, log)
+        _check_draws(rows, name, plan, task, out)
+        todo = [(size, rep, idx) for size, rep, idx in plan if (name, PROBE, str(size), rep) not in rows]
+        result = FinetuneResult(out, name, 0, len(plan) - len(todo), None)
+        if not todo:
+            log(f"all {len(plan)} fits of {name} are already in {out}")
+            return result
+        first = todo[0][2]
+        cpu_img, wall_img = measure(base, strategy, config, task.cache.planes([task.tr_images[i] for i in first]),
+                                    task.tr_y[first], dev)
+        result.estimate = Estimate(len(todo), len(todo) * config.steps * config.batch_size, cpu_img, wall_img)
+        log(f"{name} on {task.name}: {len(todo)} of {len(plan)} fits to run. {result.estimate.text(dev)}")
+        _run_fits(task, base, strategy, name, config, todo, rows, dev, seed, progress, run)
     result.finished = len(todo)
     result.seconds, result.cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     return result
+
+
+def _file_hash(path) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    except OSError as exc:
+        raise LabelError(f"cannot read the labels file {path} ({exc.strerror})") from None
+    return h.hexdigest()[:16]
+
+
+_RUN_WORDS = {"weights": "model weights", "labels_sha256": "labels file contents", "positive": "--positive",
+              "seed": "--seed", "images": "image bytes under --image-root"}
+
+
+def _check_run(rows: ScoredRows, name: str, run: dict, out: Path) -> None:
+    """Refuse to resume fits of `name` made from anything else than this run is made from (`run`'s keys)."""
+    for fit in (f for k, f in rows.fits.items() if k[0] == name):
+        if fit.run is None:
+            raise RowsFileError(f"{out} holds {name} fits written by an older cxr-embed, which did not record what "
+                                "they were made from, so they cannot be resumed safely: write to another --out (the "
+                                "curve still takes the old file in)")
+        differ = [_RUN_WORDS.get(k, k) for k in run if fit.run.get(k) != run[k]]
+        if differ:
+            raise RowsFileError(f"{out} holds {name} fits of another run (other {', '.join(differ)}); they are not "
+                                "this run's fits: write to another --out")
+
+
+def _check_draws(rows: ScoredRows, name: str, plan: list, task: FinetuneTask, out: Path) -> None:
+    """Each finished fit of `name` was trained on this run's draw and scored on this run's test images."""
+    planned = {(str(size), rep): [task.tr_images[i] for i in idx] for size, rep, idx in plan}
+    for key, fit in rows.fits.items():
+        if key[0] != name:
+            continue
+        if list(fit.scores) != task.te_images or planned.get(key[2:], fit.train_images) != fit.train_images:
+            raise RowsFileError(f"{out}: the {name} fit of size {key[2]}, draw {key[3]} was trained or scored on "
+                                "other images than this run's draws: write to another --out")
 
 
 def _check_rows(rows: ScoredRows, name: str, task: str, cfg: FinetuneConfig, out: Path) -> None:
@@ -269,7 +326,7 @@ def _check_rows(rows: ScoredRows, name: str, task: str, cfg: FinetuneConfig, out
 
 
 def _run_fits(task: FinetuneTask, base: EmbeddingModel, strategy: str, name: str, cfg: FinetuneConfig, todo: list,
-              rows: ScoredRows, device: torch.device, seed: int, progress: bool) -> None:
+              rows: ScoredRows, device: torch.device, seed: int, progress: bool, run: dict) -> None:
     mean, std = base.preprocess.mean, base.preprocess.std
     test = task.cache.planes(task.te_images)  # kept for every fit; a draw's planes are read per fit
     bar = tqdm(total=len(todo) * cfg.steps, unit="step", desc=f"{name} {task.name}", disable=not progress,
@@ -282,7 +339,10 @@ def _run_fits(task: FinetuneTask, base: EmbeddingModel, strategy: str, name: str
             train_fit(clf, frozen, task.cache.planes(images), task.tr_y[idx], cfg, fit_seed(seed, size, rep), device,
                       mean, std, on_step=lambda: bar.update(1))
             p = score(clf, test, device, mean, std)
+            if not np.isfinite(p).all():
+                raise FitDiverged(f"the {name} fit of size {size}, draw {rep} gave non-finite test scores (its "
+                                  f"training diverged); nothing was stored for it: try a lower --lr than {cfg.lr:g}")
             row = fit_row(task.name, name, "", PROBE, size, rep, len(idx), task.te_y, p, cfg.describe())
-            rows.add(ScoredFit(row, images, dict(zip(task.te_images, p.astype(float).tolist()))))
+            rows.add(ScoredFit(row, images, dict(zip(task.te_images, p.astype(float).tolist())), run))
     finally:
         bar.close()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -35,8 +36,11 @@ class FinetuneConfig:
     augment: AugmentConfig = field(default_factory=_pretraining_augment)  # pretraining's
 
     def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 2 or self.lr <= 0 or self.warmup_steps < 0:
-            raise ConfigError(f"fine-tuning recipe: steps >= 1, batch size >= 2 (BatchNorm), lr > 0 needed, not {self}")
+        finite = all(math.isfinite(v) for v in (self.lr, self.head_lr_mult, self.weight_decay))
+        if not finite or self.steps < 1 or self.batch_size < 2 or self.lr <= 0 or self.head_lr_mult <= 0 \
+                or self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ConfigError("fine-tuning recipe: steps >= 1, batch size >= 2 (BatchNorm), a finite lr > 0, head "
+                              f"multiplier > 0 and weight decay >= 0 needed, not {self}")
 
     def describe(self) -> str:
         """The recipe in one line, written to every row's `chosen` column."""

@@ -187,3 +187,127 @@ def test_refusals_name_the_file(tiny, shared, tmp_path, capsys):
     foreign.write_text("image,label\na.jpg,1\n")
     assert main(_finetune_args(labels, shared, foreign, repeats=1)) == 2
     assert "is not a rows file of curve.csv's format" in capsys.readouterr().err
+
+
+# --- a resumed run, and the files it reads, are checked (each case here was taken in silently before) ---
+
+
+def test_resume_refuses_fits_of_another_run_and_leaves_foreign_rows_alone(tiny, shared, tmp_path, capsys):
+    labels, _, _ = tiny
+    out = tmp_path / "ft.csv"
+    assert main(_finetune_args(labels, shared, out, repeats=1)) == 0
+    capsys.readouterr()
+    kept = (out.read_bytes(), scores_path(out).read_bytes())
+
+    seed = _finetune_args(labels, shared, out, repeats=1) + ["--seed", "3"]
+    assert main(seed) == 2
+    assert "fits of another run (other --seed)" in capsys.readouterr().err
+    rows = list(csv.DictReader(open(labels)))
+    rows[0]["label"] = "1" if rows[0]["label"] == "0" else "0"  # the same file name, another label
+    relabelled = write_rows(tmp_path / "tb_tiny.csv", rows)
+    assert main(_finetune_args(relabelled, shared, out, repeats=1)) == 2
+    assert "(other labels file contents)" in capsys.readouterr().err
+    moved = tmp_path / "root"  # the same names under another --image-root, one with other bytes
+    for r in rows:
+        (moved / r["image"]).parent.mkdir(parents=True, exist_ok=True)
+        (moved / r["image"]).write_bytes((shared / r["image"]).read_bytes())
+    (moved / rows[1]["image"]).write_bytes((shared / rows[2]["image"]).read_bytes())
+    other_root = _finetune_args(labels, moved, out, repeats=1)
+    other_root += ["--cache", str(tmp_path / "moved.cache.h5")]
+    assert main(other_root) == 2
+    assert "(other image bytes under --image-root)" in capsys.readouterr().err
+
+    old = [json.loads(line) for line in open(scores_path(out))]  # records of a version that kept no run
+    scores_path(out).write_text("".join(json.dumps({k: v for k, v in r.items() if k != "run"}) + "\n" for r in old))
+    assert main(_finetune_args(labels, shared, out, repeats=1)) == 2
+    assert "written by an older cxr-embed" in capsys.readouterr().err
+    scores_path(out).write_bytes(kept[1])
+    assert (out.read_bytes(), scores_path(out).read_bytes()) == kept  # nothing was rewritten by a refusal
+
+    curve_csv = tmp_path / "curve.csv"  # --out naming a curve.csv: the same columns, no scores beside it
+    curve_csv.write_bytes(out.read_bytes())
+    assert main(_finetune_args(labels, shared, curve_csv, repeats=2)) == 2
+    assert "has rows but no per-image scores beside it" in capsys.readouterr().err
+    assert curve_csv.read_bytes() == out.read_bytes()
+
+
+def test_damaged_rows_and_records_are_refused_by_line(tiny, shared, tmp_path, capsys):
+    labels, _, _ = tiny
+    out = tmp_path / "ft.csv"
+    assert main(_finetune_args(labels, shared, out, repeats=1)) == 0
+    capsys.readouterr()
+    good = scores_path(out).read_bytes()
+    for bad, says in ((b"\xff\xfe not utf-8\n", "line 1: not a fit record"),
+                      (good.replace(b'"scores": [', b'"scores": [NaN, ', 1), "line 1: not a fit record"),
+                      (good.replace(b'"train_images": [', b'"train_images": [1, ', 1), "train_images: a list of image ids")):
+        scores_path(out).write_bytes(bad)
+        assert main(_finetune_args(labels, shared, out, repeats=1)) == 2
+        assert says in capsys.readouterr().err
+    scores_path(out).write_bytes(good)
+    text = out.read_text().splitlines()
+    out.write_text("\n".join([text[0], text[1] + ",extra", *text[2:]]) + "\n")
+    assert main(_finetune_args(labels, shared, out, repeats=1)) == 2
+    assert "line 2: more fields than the header's 10" in capsys.readouterr().err
+
+
+def test_a_second_run_on_the_same_rows_is_refused(tiny, shared, tmp_path, capsys):
+    from probes.rows import writing
+
+    labels, _, _ = tiny
+    out = tmp_path / "ft.csv"
+    with writing(out):  # what a running `cxr-embed finetune --out ft.csv` holds
+        assert main(_finetune_args(labels, shared, out, repeats=1)) == 2
+        assert "another run is writing" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(_finetune_args(labels, shared, out, repeats=1)) == 0  # released when the holder ends
+
+
+def test_a_diverged_fit_is_not_stored(tiny, shared, tmp_path, capsys, monkeypatch):
+    import probes.finetune as ft
+
+    labels, _, _ = tiny
+    out = tmp_path / "ft.csv"
+    assert main(_finetune_args(labels, shared, out, repeats=1) + ["--lr", "nan"]) == 2
+    assert "a finite lr > 0" in capsys.readouterr().err
+    real = ft.score
+    monkeypatch.setattr(ft, "score", lambda *a, **k: real(*a, **k) * np.nan)  # what a diverged network scores
+    assert main(_finetune_args(labels, shared, out, repeats=1)) == 2
+    assert "gave non-finite test scores" in capsys.readouterr().err
+    assert not out.exists() and not scores_path(out).exists()
+
+
+def test_one_class_test_split_is_refused(tiny, shared, tmp_path, capsys):
+    labels, _, _ = tiny
+    rows = [r for r in csv.DictReader(open(labels)) if r["split"] == "train" or r["label"] == "1"]
+    one = write_rows(tmp_path / "one_class.csv", rows)
+    assert main(_finetune_args(one, shared, tmp_path / "ft.csv", repeats=1)) == 2
+    assert "its test split has one class only" in capsys.readouterr().err
+
+
+def test_cache_refuses_a_foreign_file_and_rebuilds_a_tampered_one(tiny, shared, tmp_path):
+    import h5py
+
+    from probes.image_cache import CacheFileError
+
+    labels, _, store = tiny
+    images = [r["image"] for r in csv.DictReader(open(labels))][:3]
+    model = create_model("imagenet-effnet-lite0")
+    for foreign in (store, labels, tmp_path):  # a store, the labels CSV, a folder: none is overwritten
+        before = foreign.read_bytes() if foreign.is_file() else None
+        with pytest.raises(CacheFileError, match="name another --cache"):
+            open_or_build(foreign, images, shared, model, progress=False)
+        assert before is None or foreign.read_bytes() == before
+    path = tmp_path / "c.h5"
+    good = open_or_build(path, images, shared, model, progress=False)
+    want = good.planes(images)
+    for tamper, why in ((lambda f: f["planes"].__setitem__(1, np.full((224, 224), np.nan, np.float16)), "not finite"),
+                        (lambda f: f["planes"].__setitem__(0, np.full((224, 224), 7, np.float16)), "not in [0, 1]"),
+                        (lambda f: (f.__delitem__("planes"), f.create_dataset("planes", data=np.zeros((3, 4, 4), np.float16))),
+                         "float16 expected"),
+                        (lambda f: f.attrs.__setitem__("data_hash", np.array(["a", "b"], dtype=object)), "other images")):
+        with h5py.File(path, "r+") as f:
+            tamper(f)
+        notes = []
+        again = open_or_build(path, images, shared, model, progress=False, log=notes.append)
+        assert len(notes) == 1 and why in notes[0] and "rebuilding it" in notes[0], notes
+        assert again.ids == images and torch.equal(again.planes(images), want)
