@@ -269,7 +269,7 @@ def _cmd_explain(args) -> int:
     from .explain import explain_image, write_explanation
     from .overlay import check_outputs
 
-    check_outputs(args.out, args.raw)
+    check_outputs(args.out, args.raw, inputs=(args.image, args.probe))
     result = explain_image(args.image, args.probe, method=args.method, model=args.model, device=args.device,
                            target=args.target, patch=args.patch, stride=args.stride, batch_size=args.batch_size,
                            progress=not args.no_progress)

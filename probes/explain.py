@@ -27,7 +27,7 @@ from cxr_embed.runtime import Runtime, RuntimeSettings
 
 from .examples import example_probe_path
 from .io import check_probe_model, load_probe
-from .overlay import check_outputs, render, save_png
+from .overlay import check_outputs, render, save_png, write_atomically
 from .probe import Probe
 from .saliency import Box, class_scores, content_mask, grad_cam, linear_direction, occlusion, upsample
 from .scoring import plain
@@ -47,7 +47,7 @@ class Explanation:
     target: str  # the class whose score is explained
     score: float  # the probe's decision function for that class on the whole image
     probability: float  # the probe's (calibrated) probability of that class
-    threshold: float | None  # a binary probe's operating threshold on the positive class's probability
+    threshold: float | None  # a binary probe's operating threshold, when the class explained is its positive one
     passes: int  # forward passes run (Grad-CAM: 2, one with a backward pass)
     model: str
     info: ImageInfo
@@ -94,8 +94,12 @@ def target_index(probe: Probe, embedding: np.ndarray, target: str | None) -> int
     return names.index(str(target))
 
 
-def _prepare(runtime: Runtime, image: ImageSource) -> tuple[torch.Tensor, ImageInfo, Box]:
-    """The model's input for `image` through the runtime, and where the image lies in its letterbox."""
+MAX_BATCH = 256  # occlusion: images per forward pass (each about 600 KB)
+
+
+def _prepare(runtime: Runtime, image: ImageSource) -> tuple[torch.Tensor, ImageInfo, Box, bool]:
+    """The model's input for `image` through the runtime, where the image lies in its letterbox, and
+    whether the runtime's chest check wants to see it."""
     prepared = runtime.prepare(image)
     if prepared.error is not None:
         name = image if isinstance(image, (str, os.PathLike)) else "the image"
@@ -105,9 +109,20 @@ def _prepare(runtime: Runtime, image: ImageSource) -> tuple[torch.Tensor, ImageI
     box = letterbox_box(*prepared.info.original_size, size)
     config = runtime.model.preprocess
     padding = x[0][torch.from_numpy(~content_mask(box, size))]
-    if len(padding) and not bool((padding == -config.mean / config.std).all()):  # the geometry must be the runtime's
+    fill = torch.tensor(-config.mean / config.std, dtype=padding.dtype)  # float32 rounding may differ by an ulp
+    if len(padding) and not bool(torch.isclose(padding, fill, rtol=0, atol=1e-5).all()):  # the runtime's geometry
         raise CxrEmbedError(f"letterbox of {image} is not where {config.identity} puts it; please report this")
-    return x, prepared.info, box
+    return x, prepared.info, box, prepared.wants_check
+
+
+def _check_direction(probe: Probe, path: Path) -> None:
+    """A binary probe whose calibrated probability does not rise with its score would have its map
+    read the wrong way round (regions that raise the score lower the probability shown): refused."""
+    a = (probe.calibration_ or {}).get("a")
+    if len(probe.classes_) == 2 and a is not None and not a > 0:
+        raise ConfigError(f"{path}: its calibration slope is {a:g}, so its probability does not rise with its score "
+                          "and a map of the score would mislead; train the probe again (`cxr-embed probe`), which "
+                          "never fits such a slope")
 
 
 def explain_image(image: ImageSource, probe: str | os.PathLike | None = None, method: str = "auto",
@@ -120,21 +135,24 @@ def explain_image(image: ImageSource, probe: str | os.PathLike | None = None, me
     must run the probe's model, and is left open), instead of `model` and `device`."""
     path = Path(probe) if probe is not None else example_probe_path()
     loaded = load_probe(path)
+    _check_direction(loaded, path)
     method = choose_method(loaded, method)
     if not 1 <= stride <= patch:
         raise ConfigError(f"occlusion needs 1 <= stride <= patch, got patch {patch}, stride {stride}")
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise ConfigError(f"occlusion batch size {batch_size}: must be 1 to {MAX_BATCH} images per forward pass")
     if loaded.identity is None:
         check_probe_model(loaded, None, path)  # raises ModelMismatch: the probe does not name its model
     own = runtime is None
     if own:
-        runtime = Runtime(RuntimeSettings(model=model or loaded.identity["model_name"], device=device,
-                                          image_check="never"))
+        runtime = Runtime(RuntimeSettings(model=model or loaded.identity["model_name"], device=device))
     try:
         check_probe_model(loaded, runtime.identity, path)
-        x, info, box = _prepare(runtime, image)
+        x, info, box, wants_check = _prepare(runtime, image)
         if not 1 <= patch <= x.shape[-1]:
             raise ConfigError(f"occlusion patch {patch} px: must be 1 to {x.shape[-1]} (the model's input)")
-        base = runtime.forward(x[None])[0]
+        base, check = runtime.forward(x[None], [wants_check])
+        chest = runtime.chest_check(info, check[0])  # as `predict` does: a map of a knee is no chest finding
         cls = target_index(loaded, base[0], target)
         result = _run(method, runtime, loaded, x, box, cls, (patch, stride, batch_size), progress,
                       float(class_scores(loaded, base, cls)[0]))
@@ -142,10 +160,14 @@ def explain_image(image: ImageSource, probe: str | os.PathLike | None = None, me
         if own:
             runtime.close()
     proba = loaded.predict_proba(base)[0]
+    if not np.isfinite(result[0]).all():
+        raise CxrEmbedError(f"the saliency map of {image} has non-finite values; nothing was written")
+    notes = [f"not a frontal chest X-ray ({'; '.join(chest.reasons) or 'chest check'}): the probe's score is "
+             "unreliable here"] if not chest.is_frontal_cxr else []
     return Explanation(result[0], tensor_image(x, runtime.model.preprocess), box, method, loaded.name,
                        str(plain(loaded.classes_[cls])), result[1], float(proba[cls]),
-                       loaded.threshold_ if len(loaded.classes_) == 2 else None, result[2] + 1,
-                       runtime.identity.model_name, info, patch, result[3], list(info.unreliable_reasons))
+                       loaded.threshold_ if len(loaded.classes_) == 2 and cls == 1 else None, result[2] + 1,
+                       runtime.identity.model_name, info, patch, result[3], notes + list(info.unreliable_reasons))
 
 
 def _run(method: str, runtime: Runtime, probe: Probe, x: torch.Tensor, box: Box, cls: int,
@@ -166,15 +188,15 @@ def _run(method: str, runtime: Runtime, probe: Probe, x: torch.Tensor, box: Box,
 
 
 def write_explanation(explanation: Explanation, out: str | os.PathLike, raw: str | os.PathLike | None = None) -> Path:
-    """The PNG (preview, map, colour bar; overlay.py) and, with `raw`, the signed map as .npy."""
+    """The PNG (preview, map, colour bar; overlay.py) and, with `raw`, the signed map as .npy (exactly
+    that name), each written whole or not at all."""
     check_outputs(out, raw)
     e = explanation
+    if not np.isfinite(e.saliency).all():
+        raise CxrEmbedError("the saliency map has non-finite values; nothing was written")
     threshold = "" if e.threshold is None else f" (threshold {e.threshold:.2f})"
     title = f"{e.probe_name}: P({e.target}) = {e.probability:.2f}{threshold}, score {e.score:+.2f}; {e.method}"
     save_png(render(e.preview, e.saliency, e.unit, title), out)
     if raw is not None:
-        try:
-            np.save(raw, e.saliency)
-        except OSError as exc:
-            raise CxrEmbedError(f"cannot write {raw}: {exc.strerror or exc}") from None
+        write_atomically(raw, lambda fh: np.save(fh, e.saliency))  # a handle: np.save adds no second suffix
     return Path(out)

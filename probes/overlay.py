@@ -60,30 +60,47 @@ def render(preview: Image.Image, saliency: np.ndarray, label: str, title: str) -
     cax = fig.add_axes(((side * SCALE + 24) / width, 0.1, 22 / width, 0.75 * side * SCALE / height))
     bar = fig.colorbar(ScalarMappable(Normalize(0.0, vmax), CMAP), cax=cax)
     bar.ax.tick_params(labelsize=9)
-    bar.set_label(label, fontsize=9)
-    fig.text(0.01, 1.0 - 0.5 * TITLE_PX / height, title, fontsize=11, va="center", ha="left")
+    bar.set_label(label, fontsize=9, parse_math=False)  # names come from probe files: "$" is a dollar, not maths
+    fig.text(0.01, 1.0 - 0.5 * TITLE_PX / height, title, fontsize=11, va="center", ha="left", parse_math=False)
     return fig
 
 
-def check_outputs(out: str | os.PathLike, raw: str | os.PathLike | None = None) -> None:
-    """Refuse, before any work, a picture not named *.png, a raw map not named *.npy, or a missing folder."""
+def check_outputs(out: str | os.PathLike, raw: str | os.PathLike | None = None, inputs=()) -> None:
+    """Refuse, before any work, a picture not named *.png, a raw map not named *.npy, a missing folder,
+    or an output that is one of the `inputs` (the image, the probe file)."""
+    kept = {Path(p).resolve() for p in inputs if isinstance(p, (str, os.PathLike))}
     for path, suffix, what in ((out, ".png", "the picture is a PNG"), (raw, ".npy", "the raw map is a NumPy file")):
         if path is None:
             continue
+        if Path(path).resolve() in kept:
+            raise CxrEmbedError(f"{path} is an input of this command; writing there would overwrite it: name another file")
         if Path(path).suffix.lower() != suffix:
             raise CxrEmbedError(f"{path}: {what}; name it *{suffix}")
         if not Path(path).resolve().parent.is_dir():
             raise CxrEmbedError(f"{path}: folder {Path(path).resolve().parent} does not exist")
 
 
+def write_atomically(path: str | os.PathLike, write) -> Path:
+    """`write(binary file)` into a temporary file beside `path`, then renamed over it: a kill or a
+    failure leaves the old file (or none), never half a file. OS errors are a CxrEmbedError."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        try:
+            with open(tmp, "wb") as fh:
+                write(fh)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError as exc:
+        raise CxrEmbedError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path
+
+
 def save_png(fig: Figure, out: str | os.PathLike) -> Path:
-    """Write the figure as PNG at exactly its pixel size; a bad path is a CxrEmbedError."""
+    """Write the figure as PNG at exactly its pixel size, whole or not at all; a bad path is a CxrEmbedError."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     out = Path(out)
     check_outputs(out)
-    try:
-        FigureCanvasAgg(fig).print_png(str(out))
-    except OSError as exc:
-        raise CxrEmbedError(f"cannot write {out}: {exc.strerror or exc}") from None
-    return out
+    return write_atomically(out, FigureCanvasAgg(fig).print_png)

@@ -203,3 +203,42 @@ def test_errors_are_typed_and_the_command_exits_2_with_a_message(runtime, tmp_pa
         paths = {"--out": str(out), "--raw": str(tmp_path / "m.npy"), name: str(tmp_path / "m.jpg")}
         assert main(["explain", str(image), *[a for kv in paths.items() for a in kv]]) == 2
         assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_what_would_mislead_is_refused_or_said(runtime, dcm_dir, tmp_path, capsys):
+    """Each case here was taken in silently before: a probe whose probability falls as its score rises,
+    a map of a non-chest image, the threshold beside the other class, an output over the input, a raw
+    map saved under another name, a probe name read as maths, an unbounded batch."""
+    image = example_image_path()
+    doc = json.loads(example_probe_path().read_text())
+    doc["calibration"]["a"] = -abs(doc["calibration"]["a"])
+    flipped = tmp_path / "flipped.json"
+    flipped.write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match="flipped.json: its calibration slope is -"):
+        explain_image(image, flipped, runtime=runtime)
+    with pytest.raises(ConfigError, match="batch size 0"):
+        explain_image(image, runtime=runtime, method="grad-cam", batch_size=0)
+
+    tibia = explain_image(dcm_dir / "RG3_UNCR.dcm", runtime=runtime, progress=False)
+    assert any(n.startswith("not a frontal chest X-ray") for n in tibia.notes), tibia.notes
+    assert "note: not a frontal chest X-ray" in tibia.text()
+    chest = explain_image(image, runtime=runtime, progress=False)
+    assert not any(n.startswith("not a frontal") for n in chest.notes)
+    assert chest.target == "1" and chest.threshold is not None
+    other = explain_image(image, runtime=runtime, target="0", progress=False)
+    assert other.threshold is None  # the threshold is on P(1): not printed beside P(0)
+
+    copy = tmp_path / "cxr.png"
+    copy.write_bytes(image.read_bytes())
+    assert main(["explain", str(copy), "--out", str(copy)]) == 2
+    assert "is an input of this command" in capsys.readouterr().err and copy.read_bytes() == image.read_bytes()
+
+    doc = json.loads(example_probe_path().read_text())
+    doc["name"] = "cost $5 vs $6 \\nope$"  # mathtext would fail on this after the work was done
+    named = tmp_path / "named.json"
+    named.write_text(json.dumps(doc))
+    raw = tmp_path / "MAP.NPY"
+    assert main(["explain", str(copy), "--probe", str(named), "--out", str(tmp_path / "m.png"), "--raw", str(raw),
+                 "--no-progress"]) == 0
+    assert np.load(open(raw, "rb")).shape == (224, 224)  # that name, not MAP.NPY.npy
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["MAP.NPY", "cxr.png", "flipped.json", "m.png", "named.json"]
