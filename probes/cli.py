@@ -88,7 +88,9 @@ def _print_fits(fits: list[dict]) -> None:
             print(f"  AUC {f['target_auc']:g}: {n} labels (95% CI {lo}-{hi}), {f['status']}")
 
 
-def _count(n: float) -> str:
+def _count(n: float | str) -> str:
+    if n == "":
+        return "n/a"  # "no trend": the sizes give no number
     return f"{n:.2g}" if n > 1e6 else str(n)  # inf stays inf; a far guess needs no 10 digits
 
 

@@ -52,7 +52,7 @@ class LabelsNeeded:
     """The answer to "how many labels for AUC `target`?", with a 95% percentile interval."""
 
     target: float
-    n: float  # inf: not reached within the fitted asymptote
+    n: float  # inf: not reached within the fitted asymptote; nan: no trend (status "no trend")
     low: float
     high: float  # inf when at least 2.5% of replicates never reach the target
     p_reached: float  # share of bootstrap replicates whose asymptote is above the target
@@ -60,7 +60,7 @@ class LabelsNeeded:
     note: str
 
 
-STATUSES = ("not reached", "below smallest size", "interpolated", "extrapolated", "far extrapolation")
+STATUSES = ("no trend", "not reached", "below smallest size", "interpolated", "extrapolated", "far extrapolation")
 
 
 @dataclass
@@ -81,8 +81,14 @@ class CurveFit:
         """Labels (training images) for `target` under the fitted curve, its interval and a status."""
         if not 0.5 <= target < 1.0:
             raise LearningCurveError(f"target AUC {target}: give a value in [0.5, 1)")
-        n = self.curve.labels_for(target)
         per_rep = _labels_for(self.replicates, target)
+        if self.curve.b <= 0.0:  # the bound b >= 0 is active: the mean AUC did not rise with the labels
+            nan = float("nan")
+            return LabelsNeeded(target, nan, nan, nan, float(np.mean(np.isfinite(per_rep))), "no trend",
+                                f"the fit is flat at a = {self.curve.a:.3f}: the mean AUC did not rise with the labels "
+                                f"between {self.sizes.min():g} and {self.sizes.max():g} (it stayed or fell), so these "
+                                f"sizes do not say how many labels reach AUC {target:g}")
+        n = self.curve.labels_for(target)
         low = float(np.quantile(per_rep, alpha / 2, method="lower"))
         high = float(np.quantile(per_rep, 1 - alpha / 2, method="higher"))
         status, note = _status(n, target, self.curve.a, self.sizes.min(), self.sizes.max())
@@ -229,6 +235,8 @@ def fit_rows(fit: CurveFit, targets: list[float]) -> list[dict]:
     return rows
 
 
-def _whole(n: float) -> int | float:
-    """Labels are whole images: round up (inf stays inf)."""
+def _whole(n: float) -> int | float | str:
+    """Labels are whole images: round up (inf stays inf; no number, for "no trend", is an empty cell)."""
+    if np.isnan(n):
+        return ""
     return int(np.ceil(n)) if np.isfinite(n) else float("inf")

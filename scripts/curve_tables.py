@@ -6,14 +6,20 @@
     python scripts/curve_tables.py docs/finetune --finetune tb_shenzhen_mc ...  # probes against fine-tuning
 
 A difference is in bold only where its 95% interval excludes 0 and its Holm-adjusted one-sided p is
-below 0.05. The metadata-only column is the linear metadata baseline at the same size.
+below 0.05 (in the --finetune table, where the goal's 0.03 is what matters, bold marks a mean more
+than 0.03 below, as its legend says). The metadata-only column is the linear metadata baseline at
+the same size. Each difference is printed beside the AUCs of the two models it compares, on the
+draws both have.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import sys
 from pathlib import Path
+
+NAMES = {"cxr-supcon-effnet-lite0": "shipped", "imagenet-effnet-lite0": "ImageNet"}  # --at's column heads
 
 
 def _ci(r: dict, key: str = "auc") -> str:
@@ -30,39 +36,62 @@ def _diff(c: dict) -> str:
 
 
 def load(folder: Path) -> tuple[list[dict], dict, str | None]:
-    summary = list(csv.DictReader(open(folder / "summary.csv")))
-    comparison = list(csv.DictReader(open(folder / "comparison.csv")))
+    try:
+        summary = list(csv.DictReader(open(folder / "summary.csv")))
+        comparison = list(csv.DictReader(open(folder / "comparison.csv")))
+    except OSError as exc:
+        sys.exit(f"curve_tables: {folder} is not a curve output folder ({exc.strerror}: {exc.filename})")
+    if not summary or not comparison:
+        sys.exit(f"curve_tables: {folder} has no comparisons (a curve of two or more stores, or --extra-rows, has)")
     by = {(r["model"], r["probe"], r["size"]): r for r in summary}
     base = next((m for m in dict.fromkeys(r["model"] for r in summary) if m.startswith("metadata")), None)
     return comparison, by, base
 
 
+def _auc_cell(c: dict, r: dict | None, side: str) -> str:
+    """A model's AUC beside a difference: its summary (with CI) when that covers the same draws, else
+    the comparison's mean over the shared draws."""
+    if r is not None and r["draws"] == c["draws"]:
+        return _ci(r)
+    return f"{float(c['auc_' + side]):.3f} (its {c['draws']} shared draws)"
+
+
 def task_table(folder: Path) -> list[str]:
     comparison, by, base = load(folder)
     first = next(iter(by.values()))
-    a, b = comparison[0]["model_a"], comparison[0]["model_b"]
+    pairs = dict.fromkeys((c["model_a"], c["model_b"]) for c in comparison)
+    one = len(pairs) == 1  # two stores: the models in the header; more (or extra rows): a column names the other
+    a, b = next(iter(pairs))
+    head = f"{b} AUC (95% CI)" if one else "compared with | its AUC (95% CI)"
     lines = [f"#### {folder.name} (test: {first['n_test']} images, {first['n_test_patients']} patients)", "",
-             f"| probe | n_train | draws | {a} AUC (95% CI) | {b} AUC (95% CI) | difference (95% CI) | Holm p "
-             "| metadata-only AUC (95% CI) |", "|---|---|---|---|---|---|---|---|"]
+             f"| probe | n_train | draws | {a} AUC (95% CI) | {head} | difference (95% CI) | Holm p "
+             "| metadata-only AUC (95% CI) |", "|---" * (8 if one else 9) + "|"]
     for c in comparison:
-        ra, rb = by[(a, c["probe"], c["size"])], by[(b, c["probe"], c["size"])]
+        probe_b = c.get("probe_b") or c["probe"]
+        ra, rb = by.get((c["model_a"], c["probe"], c["size"])), by.get((c["model_b"], probe_b, c["size"]))
+        other = "" if one else f"{c['model_b']} ({probe_b}) | "
         m = by.get((base, "linear", c["size"])) if base else None
         size = f"{c['n_train']} (full)" if c["size"] == "full" else c["n_train"]
-        lines.append(f"| {c['probe']} | {size} | {c['draws']} | {_ci(ra)} | {_ci(rb)} | {_diff(c)} "
-                     f"| {float(c['p_holm']):.3g} | {_ci(m) if m else 'n/a'} |")
+        lines.append(f"| {c['probe']} | {size} | {c['draws']} | {_auc_cell(c, ra, 'a')} | {other}{_auc_cell(c, rb, 'b')} "
+                     f"| {_diff(c)} | {float(c['p_holm']):.3g} | {_ci(m) if m else 'n/a'} |")
     return lines + [""]
 
 
 def at_size_table(root: Path, tasks: list[str], size: str) -> list[str]:
-    lines = []
+    lines, pair = [], None
     for task in tasks:
         comparison, by, base = load(root / task)
         for c in (c for c in comparison if c["size"] == size):
+            pair = pair or (c["model_a"], c["model_b"])
+            if (c["model_a"], c["model_b"]) != pair:
+                sys.exit(f"curve_tables: --at shows one pair of models; {root / task} also compares "
+                         f"{c['model_a']} with {c['model_b']}: use the per-task table")
             m = by.get((base, "linear", size)) if base else None
             meta = f"{float(m['auc_mean']):.3f}" if m else "n/a"
             lines.append(f"| {task} | {c['probe']} | {c['n_train']} | {float(c['auc_a']):.3f} | {float(c['auc_b']):.3f} "
                          f"| {_diff(c)} | {float(c['p_holm']):.3g} | {meta} |")
-    head = ["| task | probe | n_train | shipped AUC | ImageNet AUC | difference (95% CI) | Holm p | metadata-only |",
+    a, b = (NAMES.get(m, m) for m in (pair or ("model a", "model b")))
+    head = [f"| task | probe | n_train | {a} AUC | {b} AUC | difference (95% CI) | Holm p | metadata-only |",
             "|---|---|---|---|---|---|---|---|"]
     return head + lines + [""]
 
@@ -104,13 +133,19 @@ def finetune_table(root: Path, tasks: list[str]) -> list[str]:
 
 
 def _count(text: str) -> str:
+    if text == "":
+        return "n/a"  # status "no trend": no number
     v = float(text)
     return "inf" if v == float("inf") else (f"{v:.0f}" if v < 1e5 else f"{v:.0e}".replace("+0", "").replace("+", ""))
 
 
+def _p(text: str) -> str:
+    return f"{float(text):.2f}" if text != "" else "n/a"
+
+
 def fit_table(root: Path, tasks: list[str]) -> list[str]:
     lines = ["| task | model | probe | plateau a (95% CI) | c | max residual | target | labels needed (95% CI) "
-             "| p reached | status |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| p reached | status | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for task in tasks:
         path = root / task / "fit.csv"
         if not path.exists():
@@ -119,7 +154,8 @@ def fit_table(root: Path, tasks: list[str]) -> list[str]:
             lines.append(f"| {task} | {r['model']} | {r['probe']} | {float(r['a']):.3f} ({float(r['a_ci_low']):.3f}-"
                          f"{float(r['a_ci_high']):.3f}) | {float(r['c']):.2f} | {float(r['max_residual']):.3f} "
                          f"| {r['target_auc']} | {_count(r['labels_needed'])} ({_count(r['labels_ci_low'])}-"
-                         f"{_count(r['labels_ci_high'])}) | {float(r['p_reached']):.2f} | {r['status']} |")
+                         f"{_count(r['labels_ci_high'])}) | {_p(r['p_reached'])} | {r['status'] or 'no target'} "
+                         f"| {r.get('note', '')} |")
     return lines + [""]
 
 

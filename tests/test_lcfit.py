@@ -107,3 +107,18 @@ def test_bad_inputs_are_refused():
         parse_targets("80")
     with pytest.raises(LearningCurveError, match="0.8,0.9"):
         parse_targets("high")
+
+
+@pytest.mark.parametrize("means", [[0.85, 0.82, 0.80, 0.77, 0.75], [0.80, 0.70, 0.80, 0.70, 0.75]])
+def test_a_falling_or_flat_curve_gives_no_number(means):
+    """Before, the fit (flat: b at its bound 0) said 0 labels reach 0.78, CI 0-0, for a curve whose AUC
+    at 680 labels was 0.75."""
+    n = np.array([45, 85, 170, 340, 680.0])
+    reps = np.array(means) + np.random.default_rng(2).normal(0, 0.01, (300, len(n)))
+    fit = fit_learning_curve(n, means, reps)
+    assert fit.curve.b == 0.0
+    need = fit.labels_needed(0.74)
+    assert need.status == "no trend" and np.isnan(need.n) and np.isnan(need.low) and np.isnan(need.high)
+    assert "did not rise with the labels between 45 and 680" in need.note
+    row = fit_rows(fit, [0.74])[0]
+    assert (row["labels_needed"], row["labels_ci_low"], row["labels_ci_high"], row["status"]) == ("", "", "", "no trend")
