@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cxr_embed.errors import LabelError
+from cxr_embed.errors import ConfigError, LabelError
 from cxr_embed.labels import MIN_PER_CLASS, LabelTable, read_labels
 from cxr_embed.store import Store
 
@@ -37,7 +37,7 @@ from .lcfit import LearningCurveError, fit_learning_curve, fit_rows
 from .metrics import check_test_classes, holm
 from .plot import plot_curve
 from .probe import train_probe
-from .rows import fit_row, read_scored_rows, write_csv
+from .rows import file_hash, fit_row, read_scored_rows, write_csv
 
 METADATA_COLUMNS = ("view", "source")  # columns a metadata-only baseline may use, where they vary
 OUTPUT_FILES = ("curve.csv", "summary.csv", "comparison.csv", "fit.csv", "curve.png")
@@ -54,7 +54,22 @@ def parse_sizes(text: str) -> list[int | str]:
             out.append(int(part))
         else:
             raise LabelError(f"--sizes: {part!r} is neither a positive number nor 'full'")
+    if len(set(out)) != len(out):
+        raise LabelError(f"--sizes {text!r}: a size is given twice (its draws would be fitted and counted twice)")
     return out
+
+
+def check_disjoint(train: LabelTable, train_rows: list[int], test: LabelTable, test_rows: list[int]) -> None:
+    """Refuse a test set that shares an image, or a patient id, with the training rows: its AUC would
+    score probes on what they were trained on (e.g. --test-labels naming the training labels)."""
+    images = {train.images[i] for i in train_rows} & {test.images[j] for j in test_rows}
+    if images:
+        raise LabelError(f"{test.path}: {len(images)} test image(s) are also training images of {train.path} "
+                         f"(e.g. {sorted(images)[0]}); a test set must be held out")
+    patients = ({train.patients[i] for i in train_rows} & {test.patients[j] for j in test_rows}) - {""}
+    if patients:
+        raise LabelError(f"{test.path}: {len(patients)} patient id(s) have images in both the training and the test "
+                         f"rows of {train.path}; split by patient, so that no patient is on both sides")
 
 
 def draw_training_set(labels: np.ndarray, patients: list[str], n: int, rng: np.random.Generator,
@@ -138,11 +153,17 @@ def run_curve(
     out_dir (module docstring). `extra_rows`: rows files of fits made on the same draws (`cxr-embed
     finetune`), compared too."""
     start = time.perf_counter()
+    if int(bootstrap) < 2 or int(repeats) < 1:
+        raise ConfigError(f"the curve needs --bootstrap >= 2 and --repeats >= 1, not {bootstrap} and {repeats}")
+    sizes = list(sizes)
+    if len(set(map(str, sizes))) != len(sizes):
+        raise LabelError(f"sizes {sizes}: a size is given twice (its draws would be fitted and counted twice)")
     result = CurveResult()
     data = load_curve_data(stores, labels, test_labels, positive, log, result, metadata)
     plan = plan_draws(data.tr_y, data.tr_pat, sizes, repeats, seed, log)
     scores = _fit_all(data, plan, list(probes), result, progress)
-    extra = add_extra_fits(data, plan, list(extra_rows), scores, result, log)
+    made_from = {"labels_sha256": file_hash(labels), "positive": positive}  # the draws themselves are checked per fit
+    extra = add_extra_fits(data, plan, list(extra_rows), scores, result, log, made_from)
     reps = patient_bootstrap(data.te_y, data.te_pat, bootstrap, seed)
     boot = _bootstrap_all(data, scores, reps)
     sizes_done = list(dict.fromkeys(str(s) for s, _, _ in plan))
@@ -195,6 +216,7 @@ def load_curve_data(stores, labels, test_labels, positive, log, result: CurveRes
     keep_test = [j for j in test_rows if all(test_table.images[j] in st for st in opened)]
     if not keep_train or not keep_test:
         raise LabelError(f"{table.path}: no labelled train or test image has an embedding in every store")
+    check_disjoint(table, keep_train, test_table, keep_test)
     te_y = test_table.labels[keep_test]
     check_test_classes(te_y == 1, f"{test_table.path} (test images with embeddings)")
     data = CurveData(table.task, names, [str(st.path) for st in opened],
@@ -288,7 +310,8 @@ def _fit_all(data: CurveData, plan: list, probes: list[str], result: CurveResult
     return scores
 
 
-def add_extra_fits(data: CurveData, plan: list, paths: list, scores: dict, result: CurveResult, log) -> list[tuple]:
+def add_extra_fits(data: CurveData, plan: list, paths: list, scores: dict, result: CurveResult, log,
+                   made_from: dict | None = None) -> list[tuple]:
     """Fits of rows files (rows.py) on this curve's draws join `scores` and `result.rows` (their AUCs
     recomputed on this curve's test images); returns their (model, probe) pairs. Refuses a fit drawn
     on other images or lacking a score for a test image; leaves out (and says so) draws not planned here."""
@@ -301,6 +324,10 @@ def add_extra_fits(data: CurveData, plan: list, paths: list, scores: dict, resul
             if row["task"] != data.task or row["model"] in data.names:
                 raise LabelError(f"{path}: fits of task {row['task']!r}, model {row['model']!r} cannot join a curve of "
                                  f"task {data.task!r} with models {', '.join(data.names)}")
+            differ = [k for k, v in (made_from or {}).items() if fit.run is not None and k in fit.run and fit.run[k] != v]
+            if differ:  # e.g. the other class as --positive: its scores would be read the wrong way round
+                raise LabelError(f"{path}: {row['model']} was made with another {', '.join(differ)} than this curve "
+                                 "(labels_sha256: the labels file's contents): make both from the same labels and --positive")
             if key not in draws:
                 skipped += 1
                 continue

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import math
 import os
 import sys
@@ -46,10 +45,10 @@ from cxr_embed.pretrain import freeze_stages, lr_at
 from cxr_embed.torch_backend import pick_device
 from cxr_embed.threads import model_threads
 
-from .curve import plan_draws
+from .curve import check_disjoint, plan_draws
 from .finetune_config import PROBE, STRATEGIES, FinetuneConfig  # noqa: F401 (public here too)
 from .image_cache import TensorCache, canonical, open_or_build
-from .rows import RowsFileError, ScoredFit, ScoredRows, fit_row, writing
+from .rows import RowsFileError, ScoredFit, ScoredRows, file_hash, fit_row, writing
 
 
 class FitDiverged(CxrEmbedError):
@@ -172,6 +171,7 @@ def load_task(labels, image_root, base: EmbeddingModel, cache_path, positive: st
         log(f"warning: {len(cache.failed)} image(s) did not decode and are left out (e.g. {first[0]}: {first[1]})")
     train = [i for i in train if table.images[i] in cache]
     test = [j for j in test if table.images[j] in cache]
+    check_disjoint(table, train, table, test)
     if not train or not test:
         raise LabelError(f"{table.path}: no train or no test image decoded under {root}; is --image-root right?")
     if len({int(table.labels[j]) for j in test}) < 2:
@@ -250,7 +250,7 @@ def run_finetune(labels: str | os.PathLike, image_root: str | os.PathLike | None
     with writing(out):
         rows = ScoredRows(out)
         _check_rows(rows, name, Path(labels).stem, config, out)
-        run = {"weights": base.weights_hash, "labels_sha256": _file_hash(labels), "positive": positive, "seed": int(seed)}
+        run = {"weights": base.weights_hash, "labels_sha256": file_hash(labels), "positive": positive, "seed": int(seed)}
         _check_run(rows, name, run, out)  # before decoding a task's images: the cheap part first
         task = load_task(labels, image_root, base, Path(cache) if cache else out.with_name(f"{out.stem}.cache.h5"),
                          positive, progress, log)
@@ -272,17 +272,6 @@ def run_finetune(labels: str | os.PathLike, image_root: str | os.PathLike | None
     result.finished = len(todo)
     result.seconds, result.cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     return result
-
-
-def _file_hash(path) -> str:
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    except OSError as exc:
-        raise LabelError(f"cannot read the labels file {path} ({exc.strerror})") from None
-    return h.hexdigest()[:16]
 
 
 _RUN_WORDS = {"weights": "model weights", "labels_sha256": "labels file contents", "positive": "--positive",

@@ -64,7 +64,7 @@ def _difference_panel(ax, comparisons: list[dict]) -> None:
         ax.fill_between(x, [c["diff_ci_low"] for c in rows], [c["diff_ci_high"] for c in rows],
                         color=line.get_color(), alpha=0.12, linewidth=0)
         for c in rows:
-            if c["p_holm"] < 0.05:
+            if c["p_holm"] < 0.05 and c["diff_ci_low"] > 0:  # the tables' rule: the interval excludes 0 too
                 ax.annotate("*", (c["n_train"], c["diff_ci_high"]), ha="center", fontsize=10, color=line.get_color())
     ax.axhline(0, color="black", lw=0.8)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -77,6 +78,18 @@ def writing(path: str | os.PathLike):
         yield
     finally:
         os.close(fd)  # releases the lock; the empty lock file stays (harmless: only a held lock counts)
+
+
+def file_hash(path: str | os.PathLike) -> str:
+    """The first 16 hex digits of a file's SHA-256 (what a fit record keeps of its labels file)."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    except OSError as exc:
+        raise RowsFileError(f"cannot read {path} ({exc.strerror})") from None
+    return h.hexdigest()[:16]
 
 
 def scores_path(path: str | os.PathLike) -> Path:

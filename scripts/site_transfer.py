@@ -34,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's code, whatever copy of cxr-embed is installed
 
-from cxr_embed.errors import LabelError  # noqa: E402
+from cxr_embed.errors import CxrEmbedError, LabelError  # noqa: E402
 from cxr_embed.labels import LabelTable, read_labels  # noqa: E402
 from cxr_embed.store import Store  # noqa: E402
 from probes.bootstrap import draw_resamples, mean_interval, patient_bootstrap, weighted_auc  # noqa: E402
@@ -144,6 +144,11 @@ def run_site_transfer(stores: list[str], labels: str, probes=("linear",), B: int
     fits, evals = plan(table, draws, seed)
     opened = [Store(s) for s in stores]
     names = model_names(opened)
+    for st in opened:
+        missing = [i for i in table.images if i not in st]
+        if missing:
+            raise LabelError(f"{len(missing)} labelled image(s) of {labels} have no embedding in {st.path} (e.g. "
+                             f"{missing[0]}): embed every image of the task into every store")
     X = [st.get(table.images) for st in opened]
     reps = {}
     for e in evals:  # one set of replicates per test set: paired across models, probes and fits
@@ -263,7 +268,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if len(args.store) < 2:
         ap.error("give two or more --store: the first is compared with each other one")
-    res = run_site_transfer(args.store, args.labels, args.probe or ["linear"], args.bootstrap, args.seed, args.draws)
+    if args.draws < 1 or args.bootstrap < 2:
+        ap.error(f"--draws must be at least 1 and --bootstrap at least 2, not {args.draws} and {args.bootstrap}")
+    try:
+        res = run_site_transfer(args.store, args.labels, args.probe or ["linear"], args.bootstrap, args.seed, args.draws)
+    except CxrEmbedError as exc:  # a store or labels file that does not fit: its message, not a traceback
+        print(f"site_transfer: error: {exc}", file=sys.stderr)
+        return 2
     print(markdown(res))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -311,3 +311,20 @@ def test_cache_refuses_a_foreign_file_and_rebuilds_a_tampered_one(tiny, shared, 
         again = open_or_build(path, images, shared, model, progress=False, log=notes.append)
         assert len(notes) == 1 and why in notes[0] and "rebuilding it" in notes[0], notes
         assert again.ids == images and torch.equal(again.planes(images), want)
+
+
+def test_curve_refuses_fine_tuning_made_from_other_labels(tiny, shared, tmp_path, capsys):
+    """At size `full` every run trains on the same images, so the draw check cannot see that fits were
+    made with other labels (another --positive would score them the wrong way round): the record can."""
+    labels, _, store = tiny
+    out = tmp_path / "ft.csv"
+    args = _finetune_args(labels, shared, out, repeats=1)
+    args[args.index("--sizes") + 1] = "full"
+    assert main(args) == 0
+    rows = list(csv.DictReader(open(labels)))
+    rows[0]["label"] = "1" if rows[0]["label"] == "0" else "0"
+    relabelled = write_rows(tmp_path / "tb_tiny.csv", rows)  # the same task name, one label flipped
+    capsys.readouterr()
+    assert main(["curve", "--store", str(store), "--labels", str(relabelled), "--sizes", "full", "--probe", "linear",
+                 "--bootstrap", "50", "--extra-rows", str(out), "--out", str(tmp_path / "c"), "--no-progress"]) == 2
+    assert "was made with another labels_sha256" in capsys.readouterr().err

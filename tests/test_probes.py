@@ -195,3 +195,25 @@ def test_probe_command_and_label_errors(tb_store, shared, tmp_path, capsys):
     bad.write_text("image,label,split\na.jpg,1,train\nb.jpg,,train\n")
     assert main(["curve", "--store", str(tb_store), "--labels", str(bad), "--out", str(tmp_path / "c")]) == 2
     assert "line 3" in capsys.readouterr().err
+
+
+def test_curve_refuses_a_test_set_that_is_not_held_out_and_bad_counts(tb_store, shared, tmp_path, capsys):
+    """Each was taken before: --test-labels naming the training labels scored probes on their own
+    training images; a size given twice was fitted and counted twice; --bootstrap 0 crashed at the end."""
+    labels = shared / "tasks" / "tb_shenzhen_mc.csv"
+    base = ["curve", "--store", str(tb_store), "--labels", str(labels), "--out", str(tmp_path / "c"), "--no-progress",
+            "--probe", "linear", "--repeats", "1"]
+    assert main([*base, "--sizes", "45", "--test-labels", str(labels)]) == 2
+    assert "test image(s) are also training images of" in capsys.readouterr().err
+    rows = list(csv.DictReader(open(labels)))
+    test_patient = next(r["patient_id"] for r in rows if r["split"] == "test")
+    train = next(i for i, r in enumerate(rows) if r["split"] == "train")
+    rows[train]["patient_id"] = test_patient  # one patient on both sides
+    leaky = write_rows(tmp_path / "leaky.csv", rows)
+    assert main([*base[:4], str(leaky), *base[5:], "--sizes", "45"]) == 2
+    assert "1 patient id(s) have images in both the training and the test rows" in capsys.readouterr().err
+    assert main([*base, "--sizes", "45,85,45"]) == 2
+    assert "a size is given twice" in capsys.readouterr().err
+    assert main([*base, "--sizes", "45", "--bootstrap", "0"]) == 2
+    assert "--bootstrap >= 2" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()

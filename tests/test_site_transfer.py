@@ -66,3 +66,17 @@ def test_identical_stores_differ_by_exactly_zero(site_transfer, tb_store, shared
     assert res.models == [first, second]
     text = site_transfer.markdown(res)
     assert "| Montgomery | test | 13 | 2 |" in text and np.isfinite([a["estimate"] for a in res.aucs]).all()
+
+
+def test_bad_counts_and_a_store_missing_images_are_refused(site_transfer, tb_store, shared, tmp_path, capsys):
+    labels = shared / "tasks" / "tb_shenzhen_mc.csv"
+    rows = open(labels).read().splitlines()
+    extra = tmp_path / "tb_plus.csv"
+    extra.write_text("\n".join(rows + [rows[1].replace(rows[1].split(",")[0], "CHN_not_embedded.png", 1)]) + "\n")
+    args = ["--store", str(tb_store), "--store", str(tb_store), "--bootstrap", "50", "--draws", "1"]
+    assert site_transfer.main([*args, "--labels", str(extra)]) == 2  # before: a bare KeyError
+    assert "have no embedding in" in capsys.readouterr().err
+    for bad in (["--draws", "0"], ["--bootstrap", "0"]):  # before: crashes after every fit
+        with pytest.raises(SystemExit) as exc:
+            site_transfer.main([*args, "--labels", str(labels), *bad])
+        assert exc.value.code == 2 and "at least" in capsys.readouterr().err
