@@ -43,6 +43,7 @@ PACK_FORMAT = "cxr-embed-pack/2"
 PACK_FORMAT_V1 = "cxr-embed-pack/1"
 PACK_IMAGE_FORMATS = ("jpeg", "webp")
 CLASS = "class"  # the exclude key that names classes after label_map, not a CSV column
+IMAGE = "image"  # the exclude key that names pool images by id (e.g. copies of task images)
 _WORKERS = min(8, os.cpu_count() or 1)
 
 
@@ -78,13 +79,20 @@ def normalise_label_map(value, source: str) -> list[list[str]]:
 
 
 def normalise_exclude(value, source: str) -> dict[str, list[str]]:
-    """`exclude` as {column: [value, ...]}; one value may be written without the list."""
+    """`exclude` as {column: [value, ...]}; one value may be written without the list. `image` names
+    pool images by id, listed or in a text file (one id per line, e.g. configs/pool-task-overlap.txt
+    from scripts/pool_task_overlap.py; the path is relative to where pretraining runs, as `labels`)."""
     if not value:
         return {}
     if not isinstance(value, dict):
         raise CxrEmbedError(f"{source}: exclude is a mapping {{column: [value, ...]}}, e.g. {{source: [kermany_pediatric]}}")
     out = {}
     for column, values in value.items():
+        if column == IMAGE and isinstance(values, str) and values.endswith(".txt"):
+            try:
+                values = [line.strip() for line in Path(values).read_text(encoding="utf-8").splitlines() if line.strip()]
+            except (OSError, UnicodeDecodeError) as exc:
+                raise CxrEmbedError(f"{source}: exclude.image names {values}, which cannot be read ({exc})") from None
         values = values if isinstance(values, (list, tuple)) else [values]
         if not values or not all(_is_text(v) for v in values):
             raise CxrEmbedError(f"{source}: exclude.{column} needs one or more text values, not {values!r}")
@@ -141,13 +149,19 @@ def select_rows(rows: PoolRows, cfg, where: str) -> tuple[np.ndarray, list[str]]
     """(positions of the rows trained on, their class keys) under cfg's label_columns, label_map,
     exclude and balance_by; refuses columns the rows lack and exclude values no row has."""
     exclude = cfg.exclude or {}
-    need = dict.fromkeys([*cfg.label_columns, *cfg.balance_by, *(c for c in exclude if c != CLASS)])
+    need = dict.fromkeys([*cfg.label_columns, *cfg.balance_by, *(c for c in exclude if c not in (CLASS, IMAGE))])
     missing = [c for c in need if c not in rows.columns]
     if missing:
         raise LabelError(f"{where}: no column(s) {', '.join(missing)}; columns: {', '.join(rows.columns) or 'none'}")
     keep = np.arange(len(rows.images))
     for column, values in exclude.items():
-        if column != CLASS:
+        if column == IMAGE:  # ids no row has are refused (a stale list), unless only the first max_images are read
+            if getattr(cfg, "max_images", 0):
+                drop = set(values)
+                keep = keep[[j for j, i in enumerate(keep) if rows.images[i] not in drop]]
+            else:
+                keep = keep[_not_in(rows.images, keep, values, f"{where}: exclude.{IMAGE}")]
+        elif column != CLASS:
             keep = keep[_not_in(rows.columns[column], keep, values, f"{where}: exclude.{column}")]
     for c in cfg.label_columns:
         empty = [rows.images[i] for i in keep if rows.columns[c][i] == ""]

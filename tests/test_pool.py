@@ -56,6 +56,25 @@ def test_exclude_sources_and_classes(shared):
         _select(_cfg(**base, balance_by=["site"]))
 
 
+def test_exclude_images_from_a_list_file(shared, tmp_path, monkeypatch):
+    """The pool-task overlap list (scripts/pool_task_overlap.py) leaves those images out; a list naming
+    an image the pool does not have is refused (a stale list would exclude nothing), except when only
+    the first max_images rows are read."""
+    pool = [line.split(",")[0] for line in (shared / "pretrain.csv").read_text().splitlines()[1:4]]
+    listed = tmp_path / "overlap.txt"
+    listed.write_text("\n".join(pool[:2]) + "\n\n")
+    monkeypatch.chdir(tmp_path)  # the path is relative to where pretraining runs, as `labels`
+    rows, keys = _select(_cfg(labels=str(shared / "pretrain.csv"), exclude={"image": "overlap.txt"}))
+    assert len(keys) == 19376 - 2 and not set(pool[:2]) & set(rows.images) and pool[2] in rows.images
+    listed.write_text(pool[0] + "\nimages/not/in/the/pool.jpg\n")
+    with pytest.raises(LabelError, match=r"exclude.image: no row has 'images/not/in/the/pool.jpg'"):
+        _select(_cfg(labels=str(shared / "pretrain.csv"), exclude={"image": "overlap.txt"}))
+    rows, keys = _select(_cfg(labels=str(shared / "pretrain.csv"), exclude={"image": "overlap.txt"}, max_images=50))
+    assert len(keys) == 49 and pool[0] not in rows.images
+    with pytest.raises(CxrEmbedError, match="exclude.image names missing.txt, which cannot be read"):
+        _cfg(labels=str(shared / "pretrain.csv"), exclude={"image": "missing.txt"})
+
+
 def test_label_map_and_exclude_settings_are_checked(tmp_path):
     as_mapping = _cfg(label_map={"Normal$": "normal", "TB": "tb"})
     assert as_mapping.label_map == _cfg(label_map=[["Normal$", "normal"], ["TB", "tb"]]).label_map
