@@ -172,7 +172,7 @@ def _synthetic_task(tmp_path, rng, n=240):
         view = ("AP" if label else "PA") if rng.random() < 0.85 else ("PA" if label else "AP")
         image = f"img{i}.png"
         writer.add(image, rng.normal(size=16), {})
-        rows.append({"image": image, "label": label, "patient_id": f"p{i // 2}", "split": "test" if i % 5 == 0 else "train",
+        rows.append({"image": image, "label": label, "patient_id": f"p{i // 2}", "split": "test" if (i // 2) % 5 == 0 else "train",
                      "view": view})
     writer.commit()
     labels = write_rows(tmp_path / "labels.csv", rows)
