@@ -268,9 +268,7 @@ def build_pack(cfg, out, parts: int = 1, quality: int = 90, image_format: str = 
                progress: bool = True) -> list[Path]:
     """Decode every row of the pool once and write the letterboxed images, compressed, with every CSV
     column and each original file's sha256, to `parts` HDF5 file(s) (NAME.partK.h5)."""
-    if cfg.exclude:
-        raise CxrEmbedError("a pack holds the whole pool: leave `exclude` out of the packing config "
-                            "(it applies when training from the pack)")
+    # a pack holds the whole pool whatever the config's `exclude` says: it applies when training from the pack
     if image_format not in PACK_IMAGE_FORMATS or not 1 <= quality <= 100 or parts < 1:
         raise CxrEmbedError(f"pack: format one of {', '.join(PACK_IMAGE_FORMATS)}, quality 1..100, parts >= 1")
     rows = read_pool_rows(cfg)

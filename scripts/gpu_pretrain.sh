@@ -48,7 +48,7 @@ arm_settings() {  # the arm's --set options, one per line
         baseline) printf '%s\n' "label_columns=[abnormal]" ;;
         finer) printf '%s\n' "${finer[@]}" ;;
         finer_source) printf '%s\n' "${finer[@]}" "balance_by=[source]" ;;
-        finer_source_nokids) printf '%s\n' "${finer[@]}" "balance_by=[source]" "exclude={source: [kermany_pediatric]}" ;;
+        finer_source_nokids) printf '%s\n' "${finer[@]}" "balance_by=[source]" "exclude={source: [kermany_pediatric], image: configs/pool-task-overlap.txt}" ;;
         *) echo "unknown arm $1" >&2; return 1 ;;
     esac
 }
