@@ -54,9 +54,14 @@ def parse_sizes(text: str) -> list[int | str]:
             out.append(int(part))
         else:
             raise LabelError(f"--sizes: {part!r} is neither a positive number nor 'full'")
-    if len(set(out)) != len(out):
-        raise LabelError(f"--sizes {text!r}: a size is given twice (its draws would be fitted and counted twice)")
-    return out
+    return check_sizes(out, f"--sizes {text!r}")
+
+
+def check_sizes(sizes: list, what: str) -> list:
+    """`sizes`, refused when one is given twice (its draws would be fitted and counted twice)."""
+    if len(set(map(str, sizes))) != len(sizes):
+        raise LabelError(f"{what}: a size is given twice (its draws would be fitted and counted twice)")
+    return sizes
 
 
 def check_disjoint(train: LabelTable, train_rows: list[int], test: LabelTable, test_rows: list[int]) -> None:
@@ -155,9 +160,7 @@ def run_curve(
     start = time.perf_counter()
     if int(bootstrap) < 2 or int(repeats) < 1:
         raise ConfigError(f"the curve needs --bootstrap >= 2 and --repeats >= 1, not {bootstrap} and {repeats}")
-    sizes = list(sizes)
-    if len(set(map(str, sizes))) != len(sizes):
-        raise LabelError(f"sizes {sizes}: a size is given twice (its draws would be fitted and counted twice)")
+    sizes = check_sizes(list(sizes), f"sizes {list(sizes)}")
     result = CurveResult()
     data = load_curve_data(stores, labels, test_labels, positive, log, result, metadata)
     plan = plan_draws(data.tr_y, data.tr_pat, sizes, repeats, seed, log)

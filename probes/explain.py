@@ -24,10 +24,11 @@ from cxr_embed.ingest import ImageSource
 from cxr_embed.preprocess import letterbox_box
 from cxr_embed.preview import tensor_image
 from cxr_embed.runtime import Runtime, RuntimeSettings
+from cxr_embed.store import atomic_replace
 
 from .examples import example_probe_path
 from .io import check_probe_model, load_probe
-from .overlay import check_outputs, render, save_png, write_atomically
+from .overlay import check_outputs, render, save_png
 from .probe import Probe
 from .saliency import Box, class_scores, content_mask, grad_cam, linear_direction, occlusion, upsample
 from .scoring import plain
@@ -198,5 +199,6 @@ def write_explanation(explanation: Explanation, out: str | os.PathLike, raw: str
     title = f"{e.probe_name}: P({e.target}) = {e.probability:.2f}{threshold}, score {e.score:+.2f}; {e.method}"
     save_png(render(e.preview, e.saliency, e.unit, title), out)
     if raw is not None:
-        write_atomically(raw, lambda fh: np.save(fh, e.saliency))  # a handle: np.save adds no second suffix
+        with atomic_replace(Path(raw), "raw map") as tmp, open(tmp, "wb") as fh:
+            np.save(fh, e.saliency)  # a handle: np.save adds no second suffix
     return Path(out)

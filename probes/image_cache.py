@@ -30,6 +30,7 @@ from cxr_embed.errors import CxrEmbedError, InputError
 from cxr_embed.ingest import read_bytes
 from cxr_embed.models import EmbeddingModel
 from cxr_embed.runtime import Runtime, RuntimeSettings
+from cxr_embed.store import atomic_replace
 
 FORMAT = "cxr-embed-tensor-cache/1"
 _SCAN = 512  # planes checked per read when a cache is opened
@@ -166,12 +167,10 @@ def _build(path: Path, images: list[str], root: Path, model: EmbeddingModel, wan
     cfg = model.preprocess
     kept: list[str] = []
     failed: dict[str, str] = {}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     bar = tqdm(total=len(images), unit="img", desc="decoding images once", disable=not progress, file=sys.stderr,
                mininterval=2.0)
-    try:
-        with h5py.File(tmp, "w") as f:  # each plane written as it is decoded: memory holds a few, not the task
+    try:  # whole or not at all (fsync, rename); each plane written as it is decoded: memory holds a few, not the task
+        with atomic_replace(path, "image cache") as tmp, h5py.File(tmp, "w") as f:
             planes = f.create_dataset("planes", shape=(0, cfg.size, cfg.size), maxshape=(None, cfg.size, cfg.size),
                                       dtype=np.float16, chunks=(1, cfg.size, cfg.size))
             for n, prepared in enumerate(_prepared(runtime, [root / image for image in images])):
@@ -189,5 +188,4 @@ def _build(path: Path, images: list[str], root: Path, model: EmbeddingModel, wan
     finally:
         bar.close()
         runtime.close()
-    os.replace(tmp, path)
     return TensorCache(path, kept, cfg.identity, failed, wanted)

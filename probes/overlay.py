@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from cxr_embed.errors import CxrEmbedError
+from cxr_embed.store import atomic_replace
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -80,27 +81,12 @@ def check_outputs(out: str | os.PathLike, raw: str | os.PathLike | None = None, 
             raise CxrEmbedError(f"{path}: folder {Path(path).resolve().parent} does not exist")
 
 
-def write_atomically(path: str | os.PathLike, write) -> Path:
-    """`write(binary file)` into a temporary file beside `path`, then renamed over it: a kill or a
-    failure leaves the old file (or none), never half a file. OS errors are a CxrEmbedError."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        try:
-            with open(tmp, "wb") as fh:
-                write(fh)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-    except OSError as exc:
-        raise CxrEmbedError(f"cannot write {path}: {exc.strerror or exc}") from None
-    return path
-
-
 def save_png(fig: Figure, out: str | os.PathLike) -> Path:
     """Write the figure as PNG at exactly its pixel size, whole or not at all; a bad path is a CxrEmbedError."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     out = Path(out)
     check_outputs(out)
-    return write_atomically(out, FigureCanvasAgg(fig).print_png)
+    with atomic_replace(out, "picture") as tmp:  # whole or not at all; a failure is a StoreWriteFailed
+        FigureCanvasAgg(fig).print_png(str(tmp))
+    return out

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr_embed.errors import CxrEmbedError
+from cxr_embed.store import atomic_replace
 
 from .bootstrap import weighted_auc, weighted_average_precision
 
@@ -51,14 +52,10 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     """Write rows (the first row's keys are the header) atomically: a reader never sees half a file."""
     if not rows:
         return
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
+    with atomic_replace(Path(path), "rows file") as tmp, open(tmp, "w", newline="") as fh:  # fsynced, then renamed
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-        fh.flush()
-        os.fsync(fh.fileno())  # durable before it replaces the old file, not only after a kill
-    os.replace(tmp, path)
 
 
 @contextmanager
@@ -148,12 +145,8 @@ class ScoredRows:
         records = [{"key": list(f.key), "train_images": f.train_images, "test_images": list(f.scores),
                     "scores": list(f.scores.values()), **({"run": f.run} if f.run is not None else {})}
                    for f in self.fits.values()]
-        tmp = scores_path(self.path).with_name(scores_path(self.path).name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
+        with atomic_replace(scores_path(self.path), "scores file") as tmp, open(tmp, "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(r, allow_nan=False) + "\n" for r in records)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, scores_path(self.path))
         write_csv(self.path, [f.row for f in self.fits.values()])
 
 
