@@ -79,9 +79,9 @@ def instrument(listener, marks: dict, batches: list) -> None:
         finally:
             mark("store1")
 
-    def timed_forward(x, wants):
+    def timed_forward(x, wants, **kw):
         t = time.perf_counter()
-        out = forward(x, wants)
+        out = forward(x, wants, **kw)
         batches.append((len(x), time.perf_counter() - t))
         return out
 
@@ -144,6 +144,7 @@ def main() -> None:
                 raise SystemExit("a storescu failed")
             elapsed, busy = time.perf_counter() - t0, busy_since(machine0)
             stored = listener.statuses.get(0, 0)
+            listener_workers = listener.engine.model_workers
     spans = stages(marks)
     print(f"{args.n} instances over {args.associations} associations: {args.n / elapsed:.1f} instances/s, "
           f"machine {busy:.0%} busy, {stored - WARM} stored")
@@ -157,7 +158,7 @@ def main() -> None:
     sizes = collections.Counter(b for b, _ in batches)
     images, seconds = sum(b for b, _ in batches), sum(s for _, s in batches)
     print(f"  model: {len(batches)} batches, sizes {dict(sorted(sizes.items()))}, {seconds / images * 1000:.1f} ms "
-          f"per image, busy {seconds / elapsed:.0%} of the time")
+          f"per image, busy {seconds / elapsed:.0%} of the time (summed over its {listener_workers} worker(s))")
 
 
 if __name__ == "__main__":

@@ -289,10 +289,11 @@ class Runtime:
 
     # --- the forward pass --------------------------------------------------------------------------
 
-    def forward(self, x, wants_check: list[bool] | None = None) -> tuple[np.ndarray, list]:
+    def forward(self, x, wants_check: list[bool] | None = None, shared: bool = True) -> tuple[np.ndarray, list]:
         """Embeddings of preprocessed inputs (N, 3, S, S) (numpy, or a torch tensor), and the
         chest-check embeddings of those that want one (else None). Runs in the calling thread (and
-        the helpers, see `_forward_shared`)."""
+        the helpers, see `_forward_shared`); with `shared` False, in the calling thread alone, on one
+        torch thread (the service's parallel model workers: `service/engine.py`)."""
         x = as_batch(x)
         wants_check = wants_check or [False] * len(x)
         step = self.chunk if self.on_cpu else len(x)
@@ -301,11 +302,11 @@ class Runtime:
         if idx:
             work.append((self.check_network, check_input(x[idx], self.reference.size),
                          self._check_chunk(step, x.shape[-1])))
-        if self.workers > 1 and len(x) + len(idx) > 1:
+        if shared and self.workers > 1 and len(x) + len(idx) > 1:
             outs = self._forward_shared(work)
         else:
             if self.settings.backend == "torch":
-                model_threads(self.threads)
+                model_threads(self.threads if shared else 1)
             outs = [in_chunks(fn, inputs, per_call) for fn, inputs, per_call in work]
         check: list = [None] * len(wants_check)
         for i, e in zip(idx, outs[1] if idx else []):

@@ -5,6 +5,13 @@ worker thread (the batcher) that runs the model on up to `max_batch` images at a
 most `batch_wait_ms` after the first for others to join. The queue is bounded: a request that does
 not fit gets `QueueFull` (HTTP 429) at once instead of growing memory. Everything about decoding,
 the chest check and the forward pass is the runtime's.
+
+Model workers (`model_workers`): where the runtime runs the model on single-threaded CPU workers
+(`model_threads` 1, `cpu_workers` > 1: the DICOM listener's default), one batcher would make each
+batch a barrier: a lone image runs on one core while the next one, decoded meanwhile, waits for it.
+There, each of `cpu_workers` threads is a batcher of its own: it takes the next queued image and,
+at once and without waiting, its share of those queued behind it (up to the runtime's images per
+call), and runs them on its own core. Each image's embedding is the same either way (tested).
 """
 
 from __future__ import annotations
@@ -63,6 +70,16 @@ class _Job:
     future: Future
 
 
+def parallel_workers(runtime: Runtime, setting: int) -> int:
+    """How many model workers (batcher threads) to run: `setting`, or with 0 (auto) the runtime's
+    `cpu_workers` where each runs torch on one thread (`model_threads` 1), else one batcher."""
+    if setting:
+        return max(1, int(setting))
+    if runtime.on_cpu and runtime.settings.backend == "torch" and runtime.threads == 1:
+        return runtime.workers
+    return 1
+
+
 class Engine:
     def __init__(self, settings: ServiceSettings):
         self.settings = settings
@@ -76,9 +93,11 @@ class Engine:
         self._queue: queue.Queue[_Job] = queue.Queue(maxsize=settings.max_queue)
         self._in_flight = 0
         self._decoding = 0  # images being decoded now: the batcher waits for them, not for nothing
+        self._idle = 0  # model workers waiting for an image (with model_workers > 1)
         self._lock = threading.Lock()
-        self._worker: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []
         self._stop = threading.Event()
+        self.model_workers = 1
 
     @property
     def model(self):
@@ -106,11 +125,17 @@ class Engine:
                 loaded.set()
             self._run_batches()
 
-        self._worker = threading.Thread(target=batcher, name="cxr-batcher", daemon=True)
-        self._worker.start()
+        first = threading.Thread(target=batcher, name="cxr-batcher", daemon=True)
+        self._workers = [first]
+        first.start()
         loaded.wait()
         if failure:
             raise failure[0]
+        self.model_workers = parallel_workers(self.runtime, self.settings.model_workers)
+        for n in range(1, self.model_workers):
+            worker = threading.Thread(target=self._run_batches, name=f"cxr-batcher-{n}", daemon=True)
+            self._workers.append(worker)
+            worker.start()
         try:
             self._load_probes_and_store()
         except BaseException:
@@ -135,14 +160,18 @@ class Engine:
         a daemon thread still inside torch when the interpreter finalizes is ended mid-call, and the
         process aborts ('terminate called without an active exception')."""
         self._stop.set()
-        if self._worker is not None and self._worker is not threading.current_thread():
-            self._worker.join(timeout)
+        deadline = time.monotonic() + timeout
+        for worker in self._workers:
+            if worker is not threading.current_thread():
+                worker.join(max(0.0, deadline - time.monotonic()))
         if self.runtime is not None:
             self.runtime.close()
 
     # --- the batcher ---------------------------------------------------------------------------
 
     def _next_batch(self) -> list[_Job] | None:
+        if self.model_workers > 1:
+            return self._next_share()
         try:
             first = self._queue.get(timeout=0.2)
         except queue.Empty:
@@ -159,28 +188,52 @@ class Engine:
                 break
         return jobs
 
+    def _next_share(self) -> list[_Job] | None:
+        """One model worker's next images: the first queued, then (without waiting) its share of those
+        queued behind it, so that idle workers get theirs, up to the runtime's images per call."""
+        with self._lock:
+            self._idle += 1
+        try:
+            first = self._queue.get(timeout=0.2)
+        except queue.Empty:
+            return None
+        finally:
+            with self._lock:
+                self._idle -= 1
+                idle_others = self._idle
+        jobs = [first]
+        share = -(-self._queue.qsize() // (idle_others + 1))
+        while len(jobs) < min(1 + share, self.runtime.chunk, self.settings.max_batch):
+            try:
+                jobs.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return jobs
+
     def _run_batches(self) -> None:
+        shared = self.model_workers == 1  # with parallel workers each runs its batch on its own thread
         while not self._stop.is_set():
             jobs = self._next_batch()
             if not jobs:
                 continue
             with self._lock:
-                self._in_flight = len(jobs)
+                self._in_flight += len(jobs)
             try:
                 embs, check = self.runtime.forward(np.stack([j.prepared.tensor for j in jobs]),
-                                                   [j.prepared.wants_check for j in jobs])
+                                                   [j.prepared.wants_check for j in jobs], shared=shared)
                 for n, job in enumerate(jobs):
                     if not job.future.done():
                         job.future.set_result((embs[n], check[n]))
-                self.images_embedded += len(jobs)
-                self.batches_run += 1
+                with self._lock:
+                    self.images_embedded += len(jobs)
+                    self.batches_run += 1
             except Exception as exc:  # a model failure must reach the waiting requests, not kill the thread
                 for job in jobs:
                     if not job.future.done():
                         job.future.set_exception(exc)
             finally:
                 with self._lock:
-                    self._in_flight = 0
+                    self._in_flight -= len(jobs)
 
     # --- requests ------------------------------------------------------------------------------
 

@@ -33,6 +33,9 @@ class ServiceSettings:
     max_files: int = 16
     max_batch: int = 16  # images per forward pass
     batch_wait_ms: float = 5.0  # how long the batcher waits for more images after the first
+    # batcher threads, each running its own batches: 0 (auto) = the runtime's cpu_workers where the model
+    # runs on single-threaded CPU workers (model_threads 1), else 1 (engine.py)
+    model_workers: int = 0
     max_queue: int = 64  # images waiting for the model; beyond this requests get 429
     retry_after_s: int = 1
     # stored metadata fields that /search may return beside ids and distances (comma-separated in
@@ -56,6 +59,8 @@ class ServiceSettings:
 
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"{ENV_PREFIX}LOG_FORMAT={self.log_format!r}: expected text or json")
+        if int(self.model_workers) < 0:
+            raise ConfigError(f"{ENV_PREFIX}MODEL_WORKERS must be 0 (auto) or more, not {self.model_workers!r}")
         for name in ("max_body_bytes", "max_files", "max_batch", "max_queue", "max_connections"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be at least 1, not {getattr(self, name)!r}")

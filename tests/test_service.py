@@ -341,6 +341,62 @@ def test_a_failing_helper_fails_its_batch_not_the_batcher(samples):
         engine.close()
 
 
+def test_parallel_model_workers_run_a_second_image_while_the_first_runs(samples):
+    """With the model on single-threaded CPU workers (the listener's default), each worker is a batcher
+    of its own: an image queued while another one's forward pass runs starts at once on the other
+    worker instead of waiting for it (one batcher would make it wait: the first call holds until the
+    second starts, so this fails there); each image gets what it gets alone; model_workers=1 keeps one
+    batcher."""
+    import threading
+
+    from cxr_embed.errors import ConfigError
+    from service.engine import Engine
+    from service.settings import ServiceSettings
+
+    with pytest.raises(ConfigError, match="MODEL_WORKERS"):
+        ServiceSettings.build(model_workers=-1)
+    engine = Engine(ServiceSettings.build(image_check="always", model_threads=1, cpu_workers=2))
+    engine.load()
+    original = engine.runtime.network  # the model as the runtime calls it (eager, or its TorchScript copy)
+    try:
+        assert engine.model_workers == 2
+        jpgs = sorted(samples.glob("*.jpg"))[:2]
+        prepared = [engine.prepare(p.read_bytes()) for p in jpgs]
+        alone = [engine.runtime.forward(p.tensor[None], [True], shared=False) for p in prepared]
+        started, overlap, threads, overlapped = threading.Event(), threading.Event(), set(), []
+
+        def held(x):
+            threads.add(threading.current_thread().name)
+            if not started.is_set():  # the first call waits (bounded) for a second call on another thread
+                started.set()
+                overlapped.append(overlap.wait(20))
+            else:
+                overlap.set()
+            return original(x)
+
+        engine.runtime.network = held
+        first = engine.submit(prepared[0])
+        assert started.wait(20)
+        second = engine.submit(prepared[1])
+        results = [first.result(60), second.result(60)]
+        assert overlapped == [True] and len(threads) == 2  # the second ran while the first was held
+        for (emb, check), (emb1, check1) in zip(results, alone):
+            np.testing.assert_allclose(emb, emb1[0], atol=1e-4)
+            np.testing.assert_allclose(check, check1[0], atol=1e-4)
+        assert engine.images_embedded == 2 and engine.queue_depth == 0
+    finally:
+        engine.runtime.network = original
+        engine.close()
+    one = Engine(ServiceSettings.build(image_check="never", model_threads=1, cpu_workers=2, model_workers=1))
+    team = Engine(ServiceSettings.build(image_check="never"))  # the service's default: one team, one batcher
+    for engine in (one, team):
+        engine.load()
+        try:
+            assert engine.model_workers == 1 and len(engine._workers) == 1
+        finally:
+            engine.close()
+
+
 def test_malloc_tuning_applies_once_and_can_be_turned_off():
     """glibc keeps freed buffers (allocator.py); CXR_EMBED_MALLOC_TUNING=0 leaves malloc alone."""
     code = ("from cxr_embed.allocator import keep_freed_memory as k; "
