@@ -30,7 +30,11 @@ this association's objects, and only how they wait:
   nothing is logged; they also read each data set) are unbound while its logger is not enabled for
   INFO, as the listener's command line sets it (its lines name UIDs);
 - the DIMSE queue's non-blocking `get` (the reactor's poll) waits up to IDLE_WAIT_S for a message
-  (pynetdicom's own state machine puts `(None, None)` there on abort and release, which wakes it).
+  (pynetdicom's own state machine puts `(None, None)` there on abort and release, which wakes it);
+- the DUL loop no longer sleeps 1 ms after a turn without an event (`ready` waits instead): a reply
+  queued by the association's thread wakes the reader, which used to sleep that 1 ms before sending
+  it, on every instance's critical path; its `stop_dul` then waits for the reader by joining it
+  after a wake-up, not by sleeping in a loop.
 What is read, decoded, answered and when an association ends is unchanged; the cost of waiting is at
 most IDLE_WAIT_S more before an idle association notices a peer's A-RELEASE or the idle timer.
 Where pynetdicom's internals differ from what this expects, the association keeps pynetdicom's own
@@ -219,6 +223,24 @@ def _waking_put(put, wake: socket.socket, reader: threading.Thread):
         except (BlockingIOError, OSError):  # the pair is full (a wake-up is pending anyway) or closed
             pass
     return waking_put
+
+
+def _joining_stop(dul, wake: socket.socket):
+    """`dul.stop_dul` as pynetdicom's (the reader stops only in Sta1, the idle state; True then), but
+    waiting for the reader thread to end by waking and joining it instead of sleeping `_run_loop_delay`
+    in a loop (0 here: that loop would spin)."""
+    def stop_dul() -> bool:
+        if dul.state_machine.current_state != "Sta1":
+            return False
+        dul._kill_thread = True
+        if dul.is_alive() and threading.current_thread() is not dul:
+            try:
+                wake.send(b"\0")
+            except (BlockingIOError, OSError):  # a wake-up is pending already, or the pair is closed
+                pass
+            dul.join()
+        return True
+    return stop_dul
 
 
 def _waiting_get(get):
@@ -424,6 +446,8 @@ def _expected(assoc) -> bool:
             and isinstance(getattr(dul, "to_provider_queue", None), queue.Queue)
             and isinstance(getattr(assoc.dimse, "msg_queue", None), queue.Queue)
             and hasattr(dul, "_kill_thread") and hasattr(transport, "_is_connected")
+            and isinstance(getattr(dul, "_run_loop_delay", None), float) and callable(getattr(dul, "stop_dul", None))
+            and hasattr(getattr(dul, "state_machine", None), "current_state") and callable(getattr(dul, "join", None))
             and callable(getattr(dul, "_decode_pdu", None)) and callable(getattr(assoc, "get_handlers", None))
             and isinstance(getattr(dul, "_recv_pdu", None), queue.Queue) and callable(getattr(dul, "_read_pdu_data", None))
             and hasattr(assoc.dimse, "message") and callable(getattr(assoc.dimse, "receive_primitive", None)))
@@ -451,6 +475,8 @@ def wait_not_poll(assoc) -> bool:
     for q in (dul.event_queue, dul.to_provider_queue):
         q.put = _waking_put(q.put, wake_w, dul)
     _unbind_standard_logging(assoc)
+    dul._run_loop_delay = 0  # the loop's sleep after an idle turn: `ready` waits instead
+    dul.stop_dul = _joining_stop(dul, wake_w)
     dul._decode_pdu = _viewing_decode(dul, dul._decode_pdu)
     dul._read_pdu_data = _direct_read(dul)
     assoc.dimse.receive_primitive = _fragmenting_receive(assoc.dimse, assoc.dimse.receive_primitive)

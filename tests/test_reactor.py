@@ -128,6 +128,71 @@ def test_polling_is_kept_when_pynetdicom_is_not_what_is_expected(caplog):
     assert len([r for r in caplog.records if "poll as pynetdicom does" in r.getMessage()]) == 1
 
 
+def test_the_reader_never_sleeps_and_ends_when_its_association_does(monkeypatch):
+    """A real association (pynetdicom's client, a server whose connections get `wait_not_poll`): the
+    server's reader thread never sleeps in its loop (it slept 1 ms before sending each reply) and,
+    once the association is released, ends (its stop waits by joining, not by a spinning loop)."""
+    import pynetdicom.dul
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Verification
+
+    slept, duls, real_sleep = [], [], time.sleep
+
+    def recording_sleep(seconds):
+        slept.append((threading.current_thread(), seconds))
+        real_sleep(seconds)
+
+    monkeypatch.setattr(pynetdicom.dul, "time", SimpleNamespace(sleep=recording_sleep))
+
+    def on_open(event):
+        assert wait_not_poll(event.assoc)
+        duls.append(event.assoc.dul)
+
+    server_ae = AE(ae_title="SCP")
+    server_ae.add_supported_context(Verification)
+    server = server_ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)])
+    try:
+        client = AE(ae_title="SCU")
+        client.add_requested_context(Verification)
+        assoc = client.associate("127.0.0.1", server.server_address[1], ae_title="SCP")
+        assert assoc.is_established
+        assert [int(assoc.send_c_echo().Status) for _ in range(5)] == [0] * 5
+        assoc.release()
+        assert len(duls) == 1
+        duls[0].join(10)
+        assert not duls[0].is_alive()
+    finally:
+        server.shutdown()
+    assert [seconds for thread, seconds in slept if thread is duls[0] and seconds > 0] == []
+    assert [seconds for thread, seconds in slept if thread is duls[0].assoc] == []  # its stop joined the reader
+
+
+def test_stopping_the_reader_wakes_and_joins_it_and_only_in_the_idle_state():
+    a, b = socket.socketpair()
+    b.settimeout(10)  # a stop that did not wake the reader would leave it here (then: no wake-up seen)
+    woke = []
+
+    class Reader(threading.Thread):
+        _kill_thread = False
+        state_machine = SimpleNamespace(current_state="Sta6")
+
+        def run(self):
+            while not self._kill_thread:
+                try:
+                    woke.append(b.recv(1))
+                except TimeoutError:
+                    return
+
+    reader = Reader()
+    reader.start()
+    stop = reactor._joining_stop(reader, a)
+    assert stop() is False and reader.is_alive()  # not idle (Sta6): pynetdicom's stop_dul refuses too
+    reader.state_machine.current_state = "Sta1"
+    assert stop() is True and not reader.is_alive() and woke == [b"\0"]
+    a.close()
+    b.close()
+
+
 def test_fragment_io_reads_as_the_bytes_written():
     data = np.random.default_rng(0).bytes(300_000)
     pdus = [bytearray(data[i:i + 70_000]) for i in range(0, len(data), 70_000)]
