@@ -319,7 +319,8 @@ def test_a_failing_helper_fails_its_batch_not_the_batcher(samples):
     from service.engine import Engine
     from service.settings import ServiceSettings
 
-    engine = Engine(ServiceSettings.build(image_check="always", cpu_workers=2))
+    # one batcher whose batches the helper shares (with one model thread, auto would give each worker its own)
+    engine = Engine(ServiceSettings.build(image_check="always", cpu_workers=2, model_workers=1))
     engine.load()
     try:
         jpgs = [("a.jpg", p.read_bytes()) for p in sorted(samples.glob("*.jpg"))[:4]]
