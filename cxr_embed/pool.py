@@ -156,11 +156,8 @@ def select_rows(rows: PoolRows, cfg, where: str) -> tuple[np.ndarray, list[str]]
     keep = np.arange(len(rows.images))
     for column, values in exclude.items():
         if column == IMAGE:  # ids no row has are refused (a stale list), unless only the first max_images are read
-            if getattr(cfg, "max_images", 0):
-                drop = set(values)
-                keep = keep[[j for j, i in enumerate(keep) if rows.images[i] not in drop]]
-            else:
-                keep = keep[_not_in(rows.images, keep, values, f"{where}: exclude.{IMAGE}")]
+            keep = keep[_not_in(rows.images, keep, values, f"{where}: exclude.{IMAGE}",
+                                refuse_unknown=not getattr(cfg, "max_images", 0))]
         elif column != CLASS:
             keep = keep[_not_in(rows.columns[column], keep, values, f"{where}: exclude.{column}")]
     for c in cfg.label_columns:
@@ -175,11 +172,13 @@ def select_rows(rows: PoolRows, cfg, where: str) -> tuple[np.ndarray, list[str]]
     return keep, keys
 
 
-def _not_in(values: list[str], positions: np.ndarray, excluded: list[str], what: str) -> np.ndarray:
-    """Indices into `positions` whose value is not excluded; refuses excluded values that no row has."""
+def _not_in(values: list[str], positions: np.ndarray, excluded: list[str], what: str,
+            refuse_unknown: bool = True) -> np.ndarray:
+    """Indices into `positions` whose value is not excluded; refuses excluded values that no row has
+    (unless `refuse_unknown` is False)."""
     present = {values[i] for i in positions}
     unknown = [v for v in excluded if v not in present]
-    if unknown:
+    if unknown and refuse_unknown:
         raise LabelError(f"{what}: no row has {examples(unknown)} (values found: {examples(sorted(present), 8)})")
     drop = set(excluded)
     return np.array([j for j, i in enumerate(positions) if values[i] not in drop], dtype=np.int64)
