@@ -10,6 +10,8 @@ Thread policy (why: `threads.py`, BENCHMARKS.md):
   caches);
 - with `cpu_workers` > 1 on the CPU, a batch's model calls (main network and chest check) are
   shared by that many threads that each run torch on one thread (`_forward_shared`).
+  The service's engine may instead run that many batches at once, one per thread, each on one torch
+  thread (`forward(..., shared=False)`; `service/engine.py`).
 
 Backends (`RuntimeSettings.backend`, chosen at construction; the same `forward` contract either way,
 numpy arrays in and out): "torch" runs the inference copy of the model (`torch_backend.py`);
@@ -164,7 +166,8 @@ class Runtime:
     """Models, chest-check reference and thread pools for one embedding model.
 
     Build it in the thread that will run the model (see the module docstring); `prepare` may be
-    called from any thread, `forward` and `iter_embed` from the building thread."""
+    called from any thread, `forward` and `iter_embed` from the building thread, and
+    `forward(..., shared=False)` (one torch thread, no team) from any thread."""
 
     def __init__(self, settings: RuntimeSettings | None = None, model=None):
         """`model`: an EmbeddingModel to run instead of `settings.model` (its inference copy is made;
