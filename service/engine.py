@@ -110,14 +110,17 @@ class Engine:
     # --- loading -------------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Build the runtime in the batcher thread (the one thread that runs the model: threads.py),
-        then load probes and store; raises ModelMismatch for a probe of another model."""
+        """Build the runtime in the batcher thread (the thread that runs the model: threads.py; with
+        parallel model workers, the first of them), start the other workers, then load probes and
+        store; raises ModelMismatch for a probe of another model."""
         loaded = threading.Event()
         failure: list[BaseException] = []
 
         def batcher():
             try:
                 self.runtime = Runtime(self.settings.runtime)
+                # before this thread's own batches start: each worker reads it once, when it starts
+                self.model_workers = parallel_workers(self.runtime, self.settings.model_workers)
             except BaseException as exc:  # reported by load() in the caller's thread
                 failure.append(exc)
                 return
@@ -131,7 +134,6 @@ class Engine:
         loaded.wait()
         if failure:
             raise failure[0]
-        self.model_workers = parallel_workers(self.runtime, self.settings.model_workers)
         for n in range(1, self.model_workers):
             worker = threading.Thread(target=self._run_batches, name=f"cxr-batcher-{n}", daemon=True)
             self._workers.append(worker)

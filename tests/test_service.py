@@ -381,6 +381,7 @@ def test_parallel_model_workers_run_a_second_image_while_the_first_runs(samples)
         second = engine.submit(prepared[1])
         results = [first.result(60), second.result(60)]
         assert overlapped == [True] and len(threads) == 2  # the second ran while the first was held
+        assert all(t.startswith("cxr-batcher") for t in threads)  # each on its worker, no batch shared with helpers
         for (emb, check), (emb1, check1) in zip(results, alone):
             np.testing.assert_allclose(emb, emb1[0], atol=1e-4)
             np.testing.assert_allclose(check, check1[0], atol=1e-4)
