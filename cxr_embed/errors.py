@@ -112,6 +112,13 @@ class StoreWriteFailed(StoreError):
     code = "store_write_failed"
 
 
+class StoreBusy(StoreError):
+    """A store that another writer holds (`STORE.h5.lock`): one writer at a time, or their commits
+    would overwrite each other's and damage its journal. Nothing was changed."""
+
+    code = "store_busy"
+
+
 class InvalidEmbedding(StoreError):
     """An embedding a store refuses to hold: NaN/inf values or the wrong dimension."""
 

@@ -8,7 +8,8 @@ Layout (h5py, format cxr-embed-store/3):
   a text column is a group of two datasets: utf8 (all strings' bytes, uint8) and ends (N,) int64
   attributes: format, model_name, weights_hash, preprocess_version, dim, created_at, updated_at,
               checksum ("sha256:..." over every other attribute and the four text columns)
-  beside it, while a writer has commits not yet folded in: STORE.h5.journal (`journal.py`)
+  beside it, while a writer has commits not yet folded in: STORE.h5.journal (`journal.py`); and
+  STORE.h5.lock, an empty file that a writer holds locked (flock) while it may change the store
 
 Integrity: every dataset carries HDF5's fletcher32 filter (checked on every read), the file's own
 structure HDF5's metadata checksums (libver v110), and the text and attributes a SHA-256 checked
@@ -29,17 +30,27 @@ journal frame was never acknowledged; a journal left beside a file that a fold h
 the old file's checksum and is ignored. In-place HDF5 appends cannot give this: a process killed with
 the file open leaves it unopenable ("file is already open for write") or inconsistent. A batch is
 reported done only after the commit that holds it; a failed commit leaves the store as it was.
+
+One writer at a time: `StoreWriter`, `remove_images` and `upgrade_store` hold STORE.h5.lock (an
+exclusive flock, let go by `close` or when the process ends, however it ends) and a second one is
+refused with StoreBusy. Two writers would each fold the journal from what they hold, drop each
+other's commits and leave a journal whose frames no longer match (measured: two `embed` runs on one
+store damaged it for good). Readers (`Store`) take no lock: they see the last complete commit.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import time
 import warnings
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +65,7 @@ from .journal import (Batch, Journal, append_frame, encode_batch, fsync_dir, jou
 from .errors import (
     InvalidEmbedding,
     ModelMismatch,
+    StoreBusy,
     StoreCorrupt,
     StoreError,
     StoreTooNew,
@@ -370,6 +382,57 @@ def atomic_replace(path: Path, what: str = "store") -> Iterator[Path]:
     fsync_dir(path.parent)
 
 
+def lock_path(store: Path) -> Path:
+    return store.with_name(store.name + ".lock")
+
+
+class WriterLock:
+    """`STORE.h5.lock` held with an exclusive flock while one writer may change the store (see the
+    module's docstring). StoreBusy when another holds it, in this process or another. `release()`, or
+    the lock's last reference going, or the process ending (however: the kernel drops the lock) lets
+    it go; the empty file stays (only a held lock counts)."""
+
+    def __init__(self, store: Path):
+        self.path = lock_path(store)
+        try:
+            store.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise _write_failed(store, exc) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreBusy(f"store {store} is being written by another process or writer (it holds {self.path.name}); "
+                            "wait for it to end, or write to another store") from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                os.close(fd)
+                raise _write_failed(store, exc) from exc
+            # a filesystem without locks: the store still works, but nothing stops a second writer
+            logging.getLogger("cxr_embed").warning(
+                "cannot lock %s (%s): make sure no other process writes to store %s at the same time",
+                self.path.name, os.strerror(exc.errno), store)
+        self._release = weakref.finalize(self, os.close, fd)
+
+    @property
+    def held(self) -> bool:
+        return self._release.alive
+
+    def release(self) -> None:
+        self._release()
+
+
+@contextmanager
+def writing(store: Path) -> Iterator[None]:
+    """The store's writer lock for the block (`remove_images`, `upgrade_store`)."""
+    lock = WriterLock(Path(store))
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _write_failed(path: Path, exc: BaseException, what: str = "store") -> StoreWriteFailed:
     return StoreWriteFailed(f"could not write {what} {path}: {exc}. The {what} is unchanged; free disk space or make "
                             "its folder writable, then run again")
@@ -477,19 +540,25 @@ class StoreWriter:
     _whole: bool = True  # the next commit writes the file whole: none yet, or of an older format
     _base: str | None = None  # the checksum of the HDF5 file on disk, which the journal applies to
     _journal_size: int = 0  # bytes of the journal's valid part (0: none)
+    _lock: WriterLock | None = field(default=None, init=False, repr=False, compare=False)  # held until close
 
     def __post_init__(self):
         self.path = Path(self.path)
-        stale = self.path.with_name(self.path.name + ".tmp")
-        if stale.exists():  # a commit killed before its rename: the real store is intact
-            stale.unlink()
-        if self.path.exists():
-            existing = Store(self.path)
-            check_identity(self.identity, existing.identity, f"store {self.path}")
-            self._done = set(existing.ids)
-            self._whole = existing.version < FORMAT_VERSION  # the first commit rewrites it in the current format
-            self._base = existing.attrs.get("checksum")
-            self._journal_size = existing.journal.size if existing.journal is not None else 0
+        self._lock = WriterLock(self.path)  # first: what is read below is then not changing (StoreBusy)
+        try:
+            stale = self.path.with_name(self.path.name + ".tmp")
+            if stale.exists():  # a commit killed before its rename: the real store is intact
+                stale.unlink()
+            if self.path.exists():
+                existing = Store(self.path)
+                check_identity(self.identity, existing.identity, f"store {self.path}")
+                self._done = set(existing.ids)
+                self._whole = existing.version < FORMAT_VERSION  # the first commit rewrites it in the current format
+                self._base = existing.attrs.get("checksum")
+                self._journal_size = existing.journal.size if existing.journal is not None else 0
+        except BaseException:
+            self._lock.release()
+            raise
 
     @property
     def done_ids(self) -> set[str]:
@@ -527,6 +596,8 @@ class StoreWriter:
         (StoreWriteFailed) the store is unchanged and everything stays pending."""
         if not self.pending and not self._whole:
             return
+        if not self._lock.held:
+            raise StoreError(f"this writer of store {self.path} is closed; open a new StoreWriter to add more")
         dim = int(self.identity["dim"])
         batch = Batch(self._ids, self._meta, np.stack(self._embs) if self._embs else np.zeros((0, dim), np.float32),
                       dict(self._failed))
@@ -537,10 +608,16 @@ class StoreWriter:
         self._ids, self._embs, self._meta, self._failed = [], [], [], {}
 
     def close(self) -> None:
-        """Commit, and fold the journal into the HDF5 file: the store is one file again."""
-        self.commit()
-        if self._journal_size:
-            self._write_whole(Batch([], [], np.zeros((0, int(self.identity["dim"])), np.float32)))
+        """Commit, fold the journal into the HDF5 file (the store is one file again), and let the
+        store's lock go, even when that fails (what was committed stays in the journal)."""
+        if not self._lock.held:
+            return
+        try:
+            self.commit()
+            if self._journal_size:
+                self._write_whole(Batch([], [], np.zeros((0, int(self.identity["dim"])), np.float32)))
+        finally:
+            self._lock.release()
 
     def _fold_at(self) -> int:
         if self.fold_at_bytes is not None:
@@ -613,11 +690,13 @@ def _open_unchecked(path: str | os.PathLike) -> Store:
 
 
 def upgrade_store(path: str | os.PathLike) -> Path:
-    """Rewrites a store of an older format in the current one, atomically; a current store is left as is."""
-    store = _open_unchecked(path)
-    if store.version < FORMAT_VERSION:
-        with atomic_replace(store.path) as tmp:
-            _rewrite(store, tmp)
+    """Rewrites a store of an older format in the current one, atomically; a current store is left as is.
+    StoreBusy while a writer holds it."""
+    with writing(Path(path)):
+        store = _open_unchecked(path)
+        if store.version < FORMAT_VERSION:
+            with atomic_replace(store.path) as tmp:
+                _rewrite(store, tmp)
     return store.path
 
 
@@ -634,7 +713,13 @@ class RemovalReport:
 
 def remove_images(path: str | os.PathLike, ids: Iterable[str]) -> RemovalReport:
     """Removes images (embedding, metadata, failure record) for good: the file is rewritten without
-    them, since HDF5 never reclaims freed space. All ids must be known, else nothing is removed."""
+    them, since HDF5 never reclaims freed space. All ids must be known, else nothing is removed.
+    StoreBusy while a writer holds the store (its next fold would put them back)."""
+    with writing(Path(path)):
+        return _remove_images(path, ids)
+
+
+def _remove_images(path: str | os.PathLike, ids: Iterable[str]) -> RemovalReport:
     store = Store(path)
     drop = list(dict.fromkeys(ids))
     unknown = [i for i in drop if i not in store and i not in store.failed]

@@ -67,7 +67,8 @@ class GroupCommitter:
             try:
                 self.writer.close()
             except Exception as exc:  # every commit is durable already (Store reads the journal): nothing is lost
-                log.error("could not fold the store's journal into its file (%s); the next writer will", type(exc).__name__)
+                log.error("could not fold the store's journal into its file (%s); every commit is in the journal, "
+                          "and the store's next writer folds it in", type(exc).__name__)
 
     def _run(self) -> None:
         done = False

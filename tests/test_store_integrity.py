@@ -205,13 +205,11 @@ def test_writer_refuses_non_finite_or_misshapen_embeddings(tmp_path):
     assert Store(tmp_path / "s.h5").ids == ["fine.dcm"]
 
 
-def test_commit_into_a_path_under_a_file_is_typed_and_leaves_nothing(tmp_path):
+def test_a_store_under_a_file_is_refused_when_its_writer_opens(tmp_path):
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("x")
-    writer = StoreWriter(blocker / "s.h5", IDENTITY)
-    writer.add("a.dcm", np.ones(DIM), {})
     with pytest.raises(StoreWriteFailed, match=f"could not write store {blocker / 's.h5'}"):
-        writer.commit()
+        StoreWriter(blocker / "s.h5", IDENTITY)  # its lock file cannot be made: before any work is done
     assert sorted(p.name for p in tmp_path.iterdir()) == ["not_a_folder"]
 
 

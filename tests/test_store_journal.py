@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from cxr_embed.errors import StaleIndex, StoreCorrupt
+from cxr_embed.errors import StaleIndex, StoreBusy, StoreCorrupt, StoreError
 from cxr_embed.index import EmbeddingIndex
 from cxr_embed.journal import journal_path
 from cxr_embed.store import FORMAT, Store, StoreWriter, content_checksum, remove_images
@@ -85,6 +85,7 @@ def test_a_torn_last_frame_is_not_part_of_the_store(store):
     writer.commit()
     path.write_bytes(path.read_bytes()[: len(whole) + 50])  # as a writer killed while appending leaves it
     _same(Store(store), acknowledged)
+    del writer  # killed: its lock goes with it
     again = StoreWriter(store, IDENTITY)  # cuts the torn frame off before appending
     again.add("after.dcm", np.full(DIM, 2.0), {})
     again.commit()
@@ -102,6 +103,7 @@ def test_a_damaged_journal_is_a_damaged_store(store, where):
     second = first_end + 40 + int.from_bytes(data[first_end : first_end + 4], "little")
     offset = {"payload": first_end + 40 + 10, "length": second + 1, "first frame": 8 + 40 + 5}[where]
     _flip(path, offset)  # a length flipped upwards must not pass for a torn tail: acknowledged rows follow
+    del writer  # killed: its lock goes with it
     with pytest.raises(StoreCorrupt, match=f"store journal {path} is damaged"):
         Store(store)
     with pytest.raises(StoreCorrupt):
@@ -126,6 +128,7 @@ def test_removal_takes_rows_out_of_the_journal_too(store):
     writer = StoreWriter(store, IDENTITY)
     gone = _rows("gone", 3, 6)
     _add(writer, gone + _rows("kept", 2, 7), commit_each=2)
+    del writer  # killed before its fold: the rows are in the journal
     report = remove_images(store, [r[0] for r in gone])
     assert report.removed == [r[0] for r in gone] and not journal_path(store).exists()
     raw = b"".join(p.read_bytes() for p in store.parent.iterdir())
@@ -238,3 +241,49 @@ def test_sigkill_mid_commit_keeps_every_acknowledged_commit(tmp_path):
     s = Store(path)
     assert s.journal is None and len(set(s.ids)) == len(s.ids) >= 8 * (acknowledged + 1)
     assert np.array_equal(s.embeddings()[:, 0], np.array([int(i[4:11]) for i in s.ids], np.float32))
+
+
+HOLDING_WRITER = """
+import sys, time
+import numpy as np
+from cxr_embed.store import StoreWriter
+writer = StoreWriter(sys.argv[1], {identity!r})
+writer.add("theirs.dcm", np.full({dim}, 7.0, np.float32), {{}})
+writer.commit()
+print("committed", flush=True)
+time.sleep(600)
+"""
+
+
+def test_one_writer_at_a_time_across_processes_until_the_holder_dies(store):
+    """Two writers on one store used to fold each other's commits away and damage its journal: a
+    second writer (another process, or this one) is refused with StoreBusy and changes nothing; the
+    lock goes with its holder, however it ends (SIGKILL here)."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLDING_WRITER.format(identity=IDENTITY, dim=DIM), str(store)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    try:
+        assert proc.stdout.readline().strip() == "committed", proc.stderr.read()[-2000:]
+        before = Store(store)
+        journal = journal_path(store).read_bytes()
+        with pytest.raises(StoreBusy, match=f"store {store} is being written by another process or writer "
+                                            r"\(it holds s.h5.lock\)"):
+            StoreWriter(store, IDENTITY)
+        with pytest.raises(StoreBusy):
+            remove_images(store, ["base-0000.dcm"])  # its rewrite would be undone by the holder's next fold
+        _same(Store(store), before)  # readers need no lock
+        assert journal_path(store).read_bytes() == journal and "theirs.dcm" in before.ids
+    finally:
+        proc.kill()
+        proc.wait()
+    writer = StoreWriter(store, IDENTITY)  # the holder is gone: its lock too; its commit is kept
+    writer.add("mine.dcm", np.ones(DIM), {})
+    with pytest.raises(StoreBusy):
+        StoreWriter(store, IDENTITY)  # a second writer in the same process is refused as well
+    writer.close()
+    s = Store(store)
+    assert s.ids[-2:] == ["theirs.dcm", "mine.dcm"] and np.array_equal(s.get(["theirs.dcm"])[0], np.full(DIM, 7.0))
+    with pytest.raises(StoreError, match="this writer of store .* is closed"):
+        writer.add("late.dcm", np.ones(DIM), {})
+        writer.commit()
+    again = StoreWriter(store, IDENTITY)  # close let the lock go
+    again.close()
