@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cxr_embed.errors import ModelMismatch, LabelError
 from cxr_embed.identity import ModelIdentity
-from cxr_embed.labels import read_labels
+from cxr_embed.labels import FALSE_WORDS, TRUE_WORDS, read_labels
 from cxr_embed.store import Store
 
 from .io import load_probe
@@ -72,6 +72,29 @@ def _rows(table, split: str) -> tuple[str | None, str]:
     return split, f"{split} split"
 
 
+def _side(name: str) -> frozenset:
+    """A class name as written in a label CSV ("TB", or "Yes/yes" for yes/no labels), compared by meaning:
+    1, true and yes are one positive side, 0, false and no one negative side, other names themselves."""
+    words = [w.strip().lower() for w in name.split("/")]
+    return frozenset("<true>" if w in TRUE_WORDS else "<false>" if w in FALSE_WORDS else w for w in words)
+
+
+def _comparable(a: str, b: str) -> bool:
+    """Both names on the yes/no scale, or both class names: then `_side` tells whether they agree."""
+    return (_side(a) <= {"<true>", "<false>"}) == (_side(b) <= {"<true>", "<false>"})
+
+
+def _as_positive(name: str) -> str | None:
+    """What `read_labels(positive=...)` needs to make `name` (a recorded positive class) positive again:
+    None for the true side of yes/no labels (their default), a word of the false side, or the name."""
+    side = _side(name)
+    if side == {"<true>"}:
+        return None
+    if side == {"<false>"}:
+        return name.split("/")[0]
+    return name
+
+
 def evaluate_probe(probe: str | os.PathLike | Probe, store: str | os.PathLike | Store, labels: str | os.PathLike, *,
                    positive: str | None = None, split: str = "auto", n_boot: int = 2000, seed: int = 0,
                    warn=None) -> Evaluation:
@@ -85,10 +108,18 @@ def evaluate_probe(probe: str | os.PathLike | Probe, store: str | os.PathLike | 
     if len(probe.classes_) != 2:
         raise LabelError(f"probe {name} has {len(probe.classes_)} classes; evaluate scores binary probes "
                          "(AUC, sensitivity, specificity)")
-    table = read_labels(labels, positive=positive)
+    trained = getattr(probe, "class_names_", None)  # [negative, positive] of its training labels, when recorded
+    table = read_labels(labels, positive=positive if positive is not None or not trained else _as_positive(trained[1]))
     if not table.binary:
         raise LabelError(f"{table.path}: {len(table.classes)} classes ({', '.join(table.class_names()[:5])}); name the "
                          "class the probe calls positive with --positive")
+    if trained and _comparable(table.positive, trained[1]) and _side(table.positive) != _side(trained[1]):
+        raise LabelError(f"probe {name} gives the probability of {trained[1]!r} (the positive class of its training "
+                         f"labels), but {table.path} is read with {table.positive!r} as positive: every score would be "
+                         f"read the wrong way round. Leave --positive out, or pass --positive {_as_positive(trained[1]) or trained[1]}")
+    if trained and not _comparable(table.positive, trained[1]) and warn is not None:
+        warn(f"warning: probe {name} was trained with {trained[1]!r} as positive and {table.path.name} has {table.positive!r}: "
+             "make sure they are the same class (a yes/no label and a class name cannot be checked against each other)")
     which, described = _rows(table, split)
     rows = table.rows_in(store, which, f"store {store.path}", warn=warn)
     y = table.y[rows] == 1

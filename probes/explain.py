@@ -90,9 +90,19 @@ def target_index(probe: Probe, embedding: np.ndarray, target: str | None) -> int
     names = [str(plain(c)) for c in probe.classes_]
     if target is None:
         return 1 if len(names) == 2 else int(np.argmax(probe.predict_proba(embedding[None])[0]))
-    if str(target) not in names:
-        raise ConfigError(f"--target {target!r}: the probe's classes are {', '.join(names)}")
-    return names.index(str(target))
+    labels = getattr(probe, "class_names_", None) or names  # a binary probe's label names, where recorded
+    if str(target) in names:
+        return names.index(str(target))
+    if str(target) in labels:
+        return labels.index(str(target))
+    raise ConfigError(f"--target {target!r}: the probe's classes are {', '.join(names)}"
+                      + (f" ({', '.join(labels)})" if labels != names else ""))
+
+
+def class_label(probe: Probe, i: int) -> str:
+    """Class i of a probe as its training labels named it (a binary probe's 0/1 by its recorded names)."""
+    names = getattr(probe, "class_names_", None)
+    return names[i] if names else str(plain(probe.classes_[i]))
 
 
 MAX_BATCH = 256  # occlusion: images per forward pass (each about 600 KB)
@@ -166,7 +176,7 @@ def explain_image(image: ImageSource, probe: str | os.PathLike | None = None, me
     notes = [f"not a frontal chest X-ray ({'; '.join(chest.reasons) or 'chest check'}): the probe's score is "
              "unreliable here"] if not chest.is_frontal_cxr else []
     return Explanation(result[0], tensor_image(x, runtime.model.preprocess), box, method, loaded.name,
-                       str(plain(loaded.classes_[cls])), result[1], float(proba[cls]),
+                       class_label(loaded, cls), result[1], float(proba[cls]),
                        loaded.threshold_ if len(loaded.classes_) == 2 and cls == 1 else None, result[2] + 1,
                        runtime.identity.model_name, info, patch, result[3], notes + list(info.unreliable_reasons))
 

@@ -55,6 +55,8 @@ def save_probe(probe: Probe, path: str | os.PathLike, name: str | None = None, d
         "threshold": probe.threshold_,
         "threshold_info": probe.threshold_info_,
     }
+    if getattr(probe, "class_names_", None):  # a binary probe's [negative, positive] label names
+        doc["class_names"] = list(probe.class_names_)
     if probe.kind == "linear":
         doc["linear"] = {"coef": probe.linear_["coef"].tolist(), "intercept": probe.linear_["intercept"].tolist(), "C": probe.C_}
     else:

@@ -21,8 +21,9 @@ from .trees import TreeModelError, parse_lightgbm_model
 FORMAT = "cxr-embed-probe/1"
 _FORMAT_RE = re.compile(r"cxr-embed-probe/([0-9]{1,6})")
 _TOP_REQUIRED = {"format", "name", "params", "classes", "n_features", "calibration", "threshold", "threshold_info"}
-_TOP_OPTIONAL = {"description", "created_at", "linear", "gbm"}
+_TOP_OPTIONAL = {"description", "created_at", "linear", "gbm", "class_names"}
 _NAME = re.compile(r"[^\s,\x00-\x1f\x7f](?:[^,\x00-\x1f\x7f]{0,198}[^\s,\x00-\x1f\x7f])?")
+_LABEL = re.compile(r"[^\x00-\x1f\x7f]{1,200}")  # a class name as the label CSV wrote it
 MAX_CLASSES = 10_000
 MAX_FEATURES = 1 << 20
 # Weights are bounded so that scores of finite float32 embeddings stay finite in float64: a huge
@@ -60,6 +61,7 @@ def _build(doc: object) -> Probe:
         raise _Invalid(f"params.identity.dim={probe.identity['dim']} but n_features={probe.n_features_in_}")
     _outputs(probe, doc)
     _model(probe, doc)
+    probe.class_names_ = _class_names(doc["class_names"], probe.classes_) if "class_names" in doc else None
     probe.name = _name(doc["name"])
     probe.description = _str(doc.get("description", ""), "description")
     _str(doc.get("created_at", ""), "created_at")
@@ -152,6 +154,18 @@ def _classes(v: object) -> np.ndarray:
     if len(set(v)) != len(v):
         raise _Invalid(f"classes are not unique: {v[:10]}")
     return np.asarray(v)
+
+
+def _class_names(v: object, classes: np.ndarray) -> list[str]:
+    """A binary probe's [negative, positive] class names as its training labels wrote them (class 0
+    and class 1: e.g. ["normal", "TB"]); what `evaluate` checks its --positive against."""
+    if [c for c in classes.tolist()] != [0, 1]:
+        raise _Invalid("class_names is for binary probes (classes [0, 1]); this one's classes are its names")
+    if not isinstance(v, list) or len(v) != 2 or not all(isinstance(x, str) and _LABEL.fullmatch(x) for x in v):
+        raise _Invalid("class_names must be a list of 2 names of 1-200 printable characters")
+    if v[0] == v[1]:
+        raise _Invalid(f"class_names are the same: {v[0][:40]!r}")
+    return list(v)
 
 
 def _choice(v: object, where: str, choices: tuple[str, ...]) -> str:

@@ -42,6 +42,8 @@ def score_embedding(probes: Mapping[str, Probe], embedding: np.ndarray, names: l
         if len(classes) == 2:
             entry.update(probability=round(float(proba[1]), 6), threshold=probe.threshold_,
                          positive=bool(proba[1] >= probe.threshold_), threshold_method=probe.threshold_info_["method"])
+            if getattr(probe, "class_names_", None):  # what class 1 is, as the probe's training labels named it
+                entry["positive_class"] = probe.class_names_[1]
         else:
             entry.update(predicted=classes[int(np.argmax(proba))])
         out[name] = entry

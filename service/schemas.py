@@ -42,6 +42,8 @@ class ProbeScore(BaseModel):
     probability: float | None = Field(None, description="binary probes: probability of the positive class")
     threshold: float | None = None
     positive: bool | None = Field(None, description="binary probes: probability >= threshold")
+    positive_class: str | None = Field(None, description="binary probes: the class `probability` is of, as the "
+                                       "probe's training labels named it (probes saved before this was recorded: absent)")
     threshold_method: str | None = None
     predicted: Any | None = Field(None, description="multi-class probes: the most probable class")
 

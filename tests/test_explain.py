@@ -76,7 +76,7 @@ def test_grad_cam_matches_captum_and_adds_up_to_the_probe_score(runtime):
     embedding = Embedder("cxr-supcon-effnet-lite0").embed([image])
     decision = float(probe.decision_function(embedding)[0])
     assert cells.sum() == pytest.approx(decision - b, abs=1e-3) and score == pytest.approx(decision, abs=1e-3)
-    assert e.score == pytest.approx(decision, abs=1e-3) and e.method == "grad-cam" and e.target == "1"
+    assert e.score == pytest.approx(decision, abs=1e-3) and e.method == "grad-cam" and e.target == "pneumonia"  # the probe file's class name for 1
     assert e.probability == pytest.approx(float(probe.predict_proba(embedding)[0, 1]), abs=1e-4) and e.passes == 2
     assert e.saliency.shape == (224, 224) and e.saliency.dtype == np.float32 and e.padding_share == 0.0
     # the negative class of a binary probe: the same map, sign reversed
@@ -193,8 +193,9 @@ def test_errors_are_typed_and_the_command_exits_2_with_a_message(runtime, tmp_pa
         explain_image(not_image, runtime=runtime)
     with pytest.raises(InputError, match="no such file"):
         explain_image(tmp_path / "missing.dcm", runtime=runtime)
-    with pytest.raises(ConfigError, match="classes are 0, 1"):
-        explain_image(image, runtime=runtime, target="pneumonia")
+    with pytest.raises(ConfigError, match=r"classes are 0, 1 \(no finding, pneumonia\)"):
+        explain_image(image, runtime=runtime, target="effusion")
+    assert explain_image(image, runtime=runtime, target="pneumonia", method="grad-cam").target == "pneumonia"
     for args, message in [([str(not_image)], "notes.png: not a DICOM"), ([str(image), "--probe", str(bad)], "bad.json"),
                           ([str(image), "--patch", "8", "--stride", "16"], "stride <= patch")]:
         assert main(["explain", *args, "--out", str(out)]) == 2
@@ -224,7 +225,7 @@ def test_what_would_mislead_is_refused_or_said(runtime, dcm_dir, tmp_path, capsy
     assert "note: not a frontal chest X-ray" in tibia.text()
     chest = explain_image(image, runtime=runtime, progress=False)
     assert not any(n.startswith("not a frontal") for n in chest.notes)
-    assert chest.target == "1" and chest.threshold is not None
+    assert chest.target == "pneumonia" and chest.threshold is not None
     other = explain_image(image, runtime=runtime, target="0", progress=False)
     assert other.threshold is None  # the threshold is on P(1): not printed beside P(0)
 

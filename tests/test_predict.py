@@ -87,6 +87,48 @@ def test_evaluate_matches_a_hand_computation(tb_probe, tb_store, tb_words, task,
     assert got["threshold"] == probe.threshold_ and got["positive"] == "TB"
 
 
+def test_evaluate_refuses_a_positive_class_the_probe_was_not_trained_on(tb_probe, tb_store, tb_words, task,
+                                                                        tmp_path, capsys):
+    """A probe of P(TB) evaluated with --positive normal used to give AUC 0.05 and exit 0: every score read
+    the wrong way round. The probe file records its training labels' class names, and evaluate checks."""
+    assert json.loads(tb_probe.read_text())["class_names"] == ["normal", "TB"]
+    assert load_probe(tb_probe).class_names_ == ["normal", "TB"]
+    out = tmp_path / "e.json"
+    assert main(["evaluate", "--probe", str(tb_probe), "--store", str(tb_store), "--labels", str(tb_words),
+                 "--positive", "normal", "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "gives the probability of 'TB'" in err and "'normal' as positive" in err and "--positive TB" in err
+    assert not out.exists()
+    # without --positive the probe's own positive class is used; the numbers are those of --positive TB
+    assert main(["evaluate", "--probe", str(tb_probe), "--store", str(tb_store), "--labels", str(tb_words),
+                 "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    X, y = _test_split(task, tb_store)
+    assert got["positive"] == "TB" and got["auc"] == pytest.approx(roc_auc_score(y, load_probe(tb_probe).predict_proba(X)[:, 1]))
+    # 0/1 labels of the same task: a class name and a 0/1 label cannot be matched, so a warning, not a refusal
+    ones = _write(tmp_path / "tb01.csv", ["image", "label", "split"], [[r["image"], r["label"], r["split"]] for r in task])
+    assert main(["evaluate", "--probe", str(tb_probe), "--store", str(tb_store), "--labels", str(ones),
+                 "--positive", "1"]) == 0
+    assert "trained with 'TB' as positive and tb01.csv has '1'" in capsys.readouterr().err
+
+
+def test_yes_no_labels_keep_their_side_through_the_probe_file(tb_store, task, tmp_path, capsys):
+    """Trained with --positive no (the false side made positive), evaluated without --positive: the
+    probe's recorded side is used, not the yes/no default, which would flip it."""
+    labels = _write(tmp_path / "normal_yn.csv", ["image", "label", "split"],
+                    [[r["image"], "no" if r["label"] == "1" else "yes", r["split"]] for r in task])  # "normal?" no = TB
+    probe = tmp_path / "not_normal.json"
+    assert main(["probe", "--store", str(tb_store), "--labels", str(labels), "--positive", "no", "--out", str(probe)]) == 0
+    assert load_probe(probe).class_names_ == ["yes", "no"]
+    out = tmp_path / "e.json"
+    assert main(["evaluate", "--probe", str(probe), "--store", str(tb_store), "--labels", str(labels),
+                 "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["auc"] > 0.7  # P(no) = P(TB): high on TB images
+    assert main(["evaluate", "--probe", str(probe), "--store", str(tb_store), "--labels", str(labels),
+                 "--positive", "yes"]) == 2
+    assert "gives the probability of 'no'" in capsys.readouterr().err
+
+
 def test_multiclass_labels_through_probe_and_predict(tb_store, task, shared, tmp_path):
     labels = _write(tmp_path / "finding.csv", ["image", "label", "split"],
                     [[r["image"], r["finding"], r["split"]] for r in task])

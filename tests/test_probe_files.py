@@ -210,6 +210,14 @@ DOC_CASES = [  # (base probe, field, new value, what the error must say)
     ("linear", "name", ["a"], "name must be a string"),
     ("linear", "description", 5, "description must be a string"),
     ("linear", "surprise", 1, "the document: unknown field"),
+    ("linear", "class_names", ["normal"], "class_names must be a list of 2 names"),
+    ("linear", "class_names", ["normal", 1], "class_names must be a list of 2 names"),
+    ("linear", "class_names", ["normal", ""], "class_names must be a list of 2 names"),
+    ("linear", "class_names", ["normal", "T\x1b[31mB"], "class_names must be a list of 2 names"),
+    ("linear", "class_names", ["normal", "x" * 201], "class_names must be a list of 2 names"),
+    ("linear", "class_names", ["TB", "TB"], "class_names are the same"),
+    ("linear", "class_names", "TB", "class_names must be a list of 2 names"),
+    ("linear3", "class_names", ["a", "b"], "class_names is for binary probes"),
 ] + [("linear", key, DELETE, f"the document: missing {key}")
      for key in ("name", "params", "classes", "n_features", "calibration", "threshold", "threshold_info")]
 
