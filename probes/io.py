@@ -7,6 +7,7 @@ size (a FIFO would block startup for ever), read as strict UTF-8 JSON, and check
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -22,7 +23,7 @@ from .probe import Probe
 from .schema import FORMAT, ProbeFileError, probe_from_document
 
 __all__ = ["FORMAT", "MAX_BYTES", "ProbeFileError", "save_probe", "load_probe", "load_probe_dir", "load_probes",
-           "check_probe_model"]
+           "check_probe_model", "probe_fingerprint"]
 
 MAX_BYTES = 64 * 1024 * 1024  # a 1280-d linear probe is ~60 KB, a 300-round 10-class GBM a few MB
 
@@ -43,9 +44,31 @@ def save_probe(probe: Probe, path: str | os.PathLike, name: str | None = None, d
     if not hasattr(probe, "classes_"):
         raise CxrEmbedError("cannot save a probe that is not fitted")
     path = Path(path)
+    doc = _document(probe, name or path.stem, description)
+    try:  # write only what load_probe accepts
+        probe_from_document(doc, f"probe to save as {path}")
+    except ProbeFileError as exc:
+        raise CxrEmbedError(f"cannot save: {exc}") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, allow_nan=False))
+    os.replace(tmp, path)
+    return path
+
+
+def probe_fingerprint(probe: Probe) -> str:
+    """16 hex digits of SHA-256 over what the probe computes (its file's fields but its name, description
+    and creation time): a probe trained again, even into the same file name, has another one."""
+    doc = _document(probe, "", "")
+    for key in ("name", "description", "created_at"):
+        doc.pop(key, None)
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, allow_nan=False).encode()).hexdigest()[:16]
+
+
+def _document(probe: Probe, name: str, description: str) -> dict:
     doc = {
         "format": FORMAT,
-        "name": name or path.stem,
+        "name": name,
         "description": description,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "params": probe.get_params(),
@@ -61,16 +84,7 @@ def save_probe(probe: Probe, path: str | os.PathLike, name: str | None = None, d
         doc["linear"] = {"coef": probe.linear_["coef"].tolist(), "intercept": probe.linear_["intercept"].tolist(), "C": probe.C_}
     else:
         doc["gbm"] = {"model": probe.gbm_model_, "n_rounds": probe.n_rounds_}
-    doc = _plain(doc)
-    try:  # write only what load_probe accepts
-        probe_from_document(doc, f"probe to save as {path}")
-    except ProbeFileError as exc:
-        raise CxrEmbedError(f"cannot save: {exc}") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, allow_nan=False))
-    os.replace(tmp, path)
-    return path
+    return _plain(doc)
 
 
 def load_probe(path: str | os.PathLike, expected_identity: dict | None = None) -> Probe:

@@ -4,12 +4,16 @@ One row per image: its id, each probe's probability of its positive class and de
 probe's threshold (multi-class probes: one probability column per class and the predicted class),
 whether the scores are reliable, and the chest check's verdict and reasons. Rows are appended and
 flushed as they are scored, so a killed run keeps what it scored; a re-run skips ids already in the
-file (delete a row to score that image again).
+file (delete a row to score that image again). Beside it, `OUT.probes.json` names the probes that
+wrote it and a fingerprint of each (`io.probe_fingerprint`): a re-run with a probe trained again
+under the same name is refused rather than leaving the old probe's scores in place as if they were
+the new one's.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import sys
 import time
@@ -26,7 +30,7 @@ from cxr_embed.errors import CxrEmbedError
 from cxr_embed.identity import ModelIdentity
 
 from .examples import example_probe_path
-from .io import load_probes
+from .io import load_probes, probe_fingerprint
 from .probe import Probe
 from .scoring import plain, score_embedding
 
@@ -97,8 +101,18 @@ def load_for_predict(path: str | os.PathLike | None) -> tuple[dict[str, Probe], 
     return probes, identity
 
 
-def done_ids(out: Path, columns: list[str]) -> set[str]:
-    """Ids already in `out`; refuses a file written with other columns (other probes)."""
+def probes_path(out: Path) -> Path:
+    """Where the probes that wrote the scores file `out` are named: `OUT.probes.json` beside it."""
+    return out.with_name(out.name + ".probes.json")
+
+
+def probes_record(probes: Mapping[str, Probe]) -> dict:
+    return {"probes": {name: probe_fingerprint(p) for name, p in probes.items()}}
+
+
+def done_ids(out: Path, columns: list[str], probes: Mapping[str, Probe] | None = None) -> set[str]:
+    """Ids already in `out`; refuses a file written with other columns (other probes) or, given
+    `probes`, by other versions of these probes (`OUT.probes.json`)."""
     if not out.exists() or out.stat().st_size == 0:
         return set()
     with open(out, newline="", encoding="utf-8") as fh:
@@ -107,7 +121,39 @@ def done_ids(out: Path, columns: list[str]) -> set[str]:
         if found != columns:
             raise CxrEmbedError(f"{out} has other columns than these probes write ({', '.join((found or [])[:4])} ...); "
                                 "choose another --out, or delete it to start again")
-        return {r[0] for r in reader if r}
+        ids = {r[0] for r in reader if r}
+    if probes is not None and ids:
+        _check_same_probes(out, probes)
+    return ids
+
+
+def _check_same_probes(out: Path, probes: Mapping[str, Probe]) -> None:
+    record = probes_path(out)
+    try:
+        written = json.loads(record.read_text(encoding="utf-8")) if record.stat().st_size <= 1 << 20 else None
+    except FileNotFoundError:
+        raise CxrEmbedError(f"{out} does not record which probes wrote it ({record.name} is missing: an earlier "
+                            "cxr-embed, or a copy of the CSV alone), so its scores cannot be kept as these probes'; "
+                            "choose another --out, or delete it to score every image again") from None
+    except (OSError, ValueError) as exc:
+        raise CxrEmbedError(f"{record} cannot be read ({type(exc).__name__}); delete {out} and it to score again") from None
+    want = probes_record(probes)["probes"]
+    had = written.get("probes") if isinstance(written, dict) else None
+    if not isinstance(had, dict):
+        raise CxrEmbedError(f"{record} is not a record of probes; delete {out} and it to score again")
+    changed = sorted(n for n in want if had.get(n) != want[n])
+    if changed:
+        raise CxrEmbedError(f"{out} was written by another version of probe(s) {', '.join(changed)} (trained again "
+                            "since): its rows are that version's scores. Choose another --out, or delete it (and "
+                            f"{record.name}) to score every image with these probes")
+
+
+def _write_record(out: Path, probes: Mapping[str, Probe]) -> None:
+    """`OUT.probes.json`, written (atomically) before the CSV's first row."""
+    record = probes_path(out)
+    tmp = record.with_name(record.name + ".tmp")
+    tmp.write_text(json.dumps(probes_record(probes), indent=1), encoding="utf-8")
+    os.replace(tmp, record)
 
 
 def predict_images(images: str | os.PathLike, out: str | os.PathLike, probes: str | os.PathLike | None = None,
@@ -122,7 +168,10 @@ def predict_images(images: str | os.PathLike, out: str | os.PathLike, probes: st
     check_paths_exist(items, images, warn=log)
     out = Path(out)
     columns = header(loaded)
-    seen = done_ids(out, columns)
+    seen = done_ids(out, columns, loaded)
+    if not seen:  # no rows yet (none, or a header alone): these probes write the file from here on
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _write_record(out, loaded)
     todo = [it for it in items if it.image_id not in seen]
     if log is not None and todo:
         log(f"loading {identity.model_name} and the chest check (a few seconds; the first batch is slower while "

@@ -183,6 +183,39 @@ def test_predict_csv_content_and_resume(tb_probe, samples, dcm_dir, tmp_path):
     assert [r["image"] for r in csv.DictReader(open(out, newline=""))].count("new.jpg") == 1
 
 
+def test_predict_refuses_to_resume_with_a_probe_trained_again_under_its_name(tb_probe, tb_store, tb_words, samples,
+                                                                             tmp_path, capsys):
+    """A probe retrained into the same file name used to resume its old CSV: `scored 0, N already in the
+    file`, exit 0, and the old probe's scores kept as the new one's."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for src in sorted(samples.glob("*.jpg"))[:2]:
+        (folder / src.name).write_bytes(src.read_bytes())
+    probe = tmp_path / "p" / "tb.json"
+    probe.parent.mkdir()
+    probe.write_bytes(tb_probe.read_bytes())
+    out = tmp_path / "scores.csv"
+    assert main(["predict", "--probe", str(probe), "--images", str(folder), "--out", str(out), "--no-progress"]) == 0
+    record = json.loads((tmp_path / "scores.csv.probes.json").read_text())
+    assert list(record["probes"]) == ["tb"] and len(record["probes"]["tb"]) == 16
+    before = out.read_bytes()
+    assert main(["predict", "--probe", str(probe), "--images", str(folder), "--out", str(out), "--no-progress"]) == 0
+    assert "scored 0 image(s)" in capsys.readouterr().out  # the same probe: resumed
+    assert main(["probe", "--store", str(tb_store), "--labels", str(tb_words), "--positive", "TB", "--kind", "gbm",
+                 "--out", str(probe)]) == 0  # trained again, same name
+    capsys.readouterr()
+    assert main(["predict", "--probe", str(probe), "--images", str(folder), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "written by another version of probe(s) tb" in err and "scores.csv.probes.json" in err
+    assert out.read_bytes() == before
+    (tmp_path / "scores.csv.probes.json").unlink()  # a CSV without its record (an earlier cxr-embed): refused too
+    assert main(["predict", "--probe", str(probe), "--images", str(folder), "--out", str(out), "--no-progress"]) == 2
+    assert "does not record which probes wrote it" in capsys.readouterr().err
+    out.unlink()
+    assert main(["predict", "--probe", str(probe), "--images", str(folder), "--out", str(out), "--no-progress"]) == 0
+    assert "scored 2 image(s)" in capsys.readouterr().out
+
+
 def test_predict_refuses_an_output_of_other_probes(tb_probe, samples, tmp_path, capsys):
     out = _write(tmp_path / "scores.csv", ["image", "other.probability"], [["a.jpg", "0.5"]])
     assert main(["predict", "--probe", str(tb_probe), "--images", str(samples), "--out", str(out)]) == 2
