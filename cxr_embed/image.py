@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -147,7 +148,9 @@ def read_raster(data: bytes, max_pixels: int = MAX_PIXELS) -> DecodedImage:
             f"{Image.MAX_IMAGE_PIXELS:,}, refused at twice that)"
         ) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise TruncatedImage(f"{fmt.upper()} data is truncated or corrupt: {exc}") from exc
+        # Pillow's text names its stream object, with an address ("<_io.BytesIO object at 0x...>")
+        detail = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(exc)).strip()
+        raise TruncatedImage(f"{fmt.upper()} data is truncated or corrupt: {detail or type(exc).__name__}") from exc
     info = ImageInfo(
         source_format=fmt,
         photometric_interpretation="MONOCHROME2" if mode in ("L", "I", "I;16", "I;16B", "I;16L") else mode,

@@ -10,6 +10,8 @@ import threading
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cxr_embed import __version__
 from cxr_embed.errors import CxrEmbedError
@@ -67,8 +69,23 @@ def create_app(settings: ServiceSettings | None = None, engine: Engine | None = 
     async def on_error(request: Request, exc: Exception):
         return problem(exc, settings.retry_after_s)
 
+    async def on_invalid_request(request: Request, exc: RequestValidationError):
+        # FastAPI's own reply is {"detail": [...]}; ours is one shape for every error, naming the parameter
+        first = (exc.errors() or [{}])[0]
+        where = ".".join(str(x) for x in first.get("loc", ()) if x not in ("query", "path", "header", "body"))
+        message = f"{where or 'request'}: {first.get('msg', 'invalid')}"
+        return problem(HTTPProblem(422, "invalid_parameter", message), settings.retry_after_s)
+
+    async def on_http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}.get(
+            exc.status_code, str(exc.detail))
+        return problem(HTTPProblem(exc.status_code, code, message, dict(exc.headers or {})), settings.retry_after_s)
+
     app.add_exception_handler(CxrEmbedError, on_error)
     app.add_exception_handler(HTTPProblem, on_error)
+    app.add_exception_handler(RequestValidationError, on_invalid_request)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
     return app
 
 

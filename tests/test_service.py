@@ -147,6 +147,22 @@ def test_bad_requests(server, data, ctype, status, code):
     r = post(server, "/embed", data, ctype)
     assert r.status_code == status, r.text
     assert r.json()["error"]["code"] == code
+    assert " at 0x" not in r.json()["error"]["message"]  # Pillow's text named its stream, with an address
+
+
+def test_every_error_has_the_documented_shape(server, samples):
+    """FastAPI's own replies ({"detail": ...}) for a bad query parameter, an unknown route or method
+    took the place of the documented {"error": {"code", "message"}} (found by an attacker review)."""
+    jpg = next(samples.glob("*.jpg")).read_bytes()
+    cases = [(httpx.post(server.url + "/search?k=0", content=jpg, headers={"content-type": "image/jpeg"}), 422,
+              "invalid_parameter", "k: "),
+             (post(server, "/embed?encoding=bogus", jpg, "image/jpeg"), 422, "invalid_parameter", "encoding: "),
+             (httpx.get(server.url + "/embed"), 405, "method_not_allowed", "GET is not allowed on /embed"),
+             (httpx.get(server.url + "/no/such/route"), 404, "not_found", "no route /no/such/route")]
+    for r, status, code, message in cases:
+        assert r.status_code == status, r.text
+        assert set(r.json()) == {"error"} and r.json()["error"]["code"] == code, r.text
+        assert r.json()["error"]["message"].startswith(message), r.text
 
 
 def test_missing_content_type_is_415(server):
