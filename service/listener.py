@@ -16,12 +16,14 @@ dates: metadata comes from an allowlist of tags (`HEADER_TAGS`), the log holds c
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 import signal
 import threading
 import time
+import warnings
 from collections import Counter
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -35,9 +37,11 @@ from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.fsm import TRANSITION_TABLE
 
 from cxr_embed.chest import is_reliable
+from cxr_embed.dicom import scrub
 from cxr_embed.errors import ConfigError, CxrEmbedError
 from cxr_embed.runtime import AUTO_CPU_WORKERS_MAX
 from cxr_embed.store import StoreWriter
+from cxr_embed.threads import WARNINGS_LOCK
 from probes.scoring import score_embedding
 
 from .commits import GroupCommitter, Record
@@ -119,6 +123,56 @@ class ListenerSummary:
                 f"(statuses {by}); {self.commits} commit(s)")
 
 
+def without_values(message: str) -> str:
+    """A log message with every quoted part left out (`cxr_embed.dicom.scrub`): pydicom's and
+    pynetdicom's texts quote what a peer sent (`Invalid value for VR UI: '1.2.3...'`, `Non-conformant
+    'Affected SOP Instance UID' value '1.2.3...'`), and no UID or other value of an instance goes into
+    our log."""
+    return scrub(message, [])
+
+
+@contextlib.contextmanager
+def quiet_pydicom():
+    """pydicom's warnings while the listener reads a header (they quote element values): captured
+    and logged at DEBUG without the values, instead of printed on stderr. Under the package's lock
+    for warnings filters (process-wide), which the decoders also hold (cxr_embed/threads.py)."""
+    with WARNINGS_LOCK, warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        yield
+    for message in dict.fromkeys(str(w.message) for w in records):
+        log.debug("pydicom: %s", without_values(message))
+
+
+class PeerValueFilter(logging.Filter):
+    """On pynetdicom's and pydicom's loggers: quoted values left out of each line (`without_values`), and a logged
+    exception reduced to its type (its text and traceback may quote what a peer sent, and a traceback
+    per malformed message floods the log)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            message = f"{record.getMessage() if not isinstance(record.msg, BaseException) else 'exception'}"
+            message = f"{without_values(message)} ({type(record.exc_info[1]).__name__})"
+            record.exc_info = record.exc_text = None
+        else:
+            message = without_values(record.getMessage())
+        record.msg, record.args = message, None
+        return True
+
+
+_PEER_FILTER = PeerValueFilter()
+
+
+def filter_pynetdicom_logs() -> None:
+    """`PeerValueFilter` on pynetdicom's logger and each of its modules' (a logger's filters do not
+    apply to its children's records)."""
+    names = ["pynetdicom", "pydicom",
+             *(n for n in list(logging.root.manager.loggerDict) if n.startswith(("pynetdicom.", "pydicom.")))]
+    for name in names:
+        logger = logging.getLogger(name)
+        if _PEER_FILTER not in logger.filters:
+            logger.addFilter(_PEER_FILTER)
+
+
 def read_header(data: bytes) -> Dataset:
     """The data set without its pixel data; UnreadableDataset when it does not parse."""
     try:
@@ -173,6 +227,11 @@ class Listener:
     def start(self) -> "Listener":
         """Load the model and probes (ModelMismatch for a probe or store of another model), open the
         store, then listen."""
+        filter_pynetdicom_logs()
+        with WARNINGS_LOCK:  # not while a thread's catch_warnings block (which restores the filters after) is open
+            # pydicom warns on a non-conformant UID wherever one is read, pynetdicom's threads included
+            # (its request's Affected SOP Instance UID), quoting it; the listener compares UIDs itself
+            warnings.filterwarnings("ignore", message="Invalid value for VR", category=UserWarning, module=r"pydicom\.")
         engine = Engine(self.settings.service)
         try:
             engine.load()
@@ -218,8 +277,9 @@ class Listener:
                 time.sleep(0.05)
             left = len(self._ae.active_associations)
             if left:
-                log.warning("stopping: aborting %d association(s) still sending; instances not yet acknowledged "
-                            "are not stored (their senders see the abort and can send them again)", left)
+                log.warning("stopping: aborting %d association(s) still open: an instance still being received is not "
+                            "stored; one received in full is stored, though its sender may see the abort before the "
+                            "answer (sending it again is answered as stored)", left)
             dul = logging.getLogger("pynetdicom.dul")
             level = dul.level  # an aborted read in pynetdicom's reader thread logs a traceback: expected here
             dul.setLevel(logging.CRITICAL)
@@ -275,8 +335,10 @@ class Listener:
         data = received_file(event)
         if len(data) > self.settings.max_instance_bytes:
             raise InstanceTooLarge(f"{len(data)} bytes: more than the limit of {self.settings.max_instance_bytes}")
-        header = read_header(data)
-        check_header(header, event.request.AffectedSOPClassUID, image_id)
+        with quiet_pydicom():
+            header = read_header(data)
+            check_header(header, event.request.AffectedSOPClassUID, image_id)
+            dicom_meta = header_metadata(header)
         prepared = self.engine.prepare(data)
         if prepared.error is not None:
             raise prepared.error
@@ -289,7 +351,7 @@ class Listener:
             raise NonFiniteEmbedding("the model gave a non-finite embedding")
         chest = self.engine.runtime.chest_check(prepared.info, check_emb)
         scores = score_embedding(self.engine.probes, emb, reliable=is_reliable(prepared.info, chest))
-        meta = {"dicom": header_metadata(header), "findings": prepared.info.to_dict(), "chest_check": chest.to_dict(),
+        meta = {"dicom": dicom_meta, "findings": prepared.info.to_dict(), "chest_check": chest.to_dict(),
                 "scores": scores, "calling_ae_title": str(event.assoc.requestor.ae_title).strip()}
         return Record(image_id, emb, meta)
 
@@ -326,27 +388,44 @@ def _on_open(event, max_pdu: int, max_message: int) -> None:
 
 
 def late_abort_is_a_no_op(assoc) -> bool:
-    """An abort that reaches the association after its connection began to close does nothing.
+    """What reaches an association's state machine from our side once its connection is closing, or
+    before an association was asked for, does no harm.
 
-    `stop()` aborts the associations still open; one may already be closing at that moment (Sta13, its
-    release reply or an abort sent, awaiting the transport's close). pynetdicom's state table, like
-    PS3.8's, has no transition for an A-ABORT request there (nothing is left to abort), so its state
-    machine raised InvalidEventError in the association's reader thread, which died with a traceback on
-    stderr (seen once in CI, in the Ctrl-C-during-traffic test). Every other event keeps pynetdicom's
-    behaviour. False when the state machine is not the expected one (then nothing changes)."""
+    - An abort requested with no association to abort: `stop()` aborts the connections still open;
+      one may be closing already (Sta13: a release reply or an abort sent, the transport's close
+      awaited) or not yet associated (Sta2: connected, no A-ASSOCIATE-RQ yet, e.g. a peer that sent
+      part of one and stopped). pynetdicom's state table, like PS3.8's, has no transition for an
+      A-ABORT request there: its state machine raised InvalidEventError in the reader thread (a
+      traceback on stderr, seen in CI), and a peer stalled in Sta2 held the shutdown until ARTIM
+      expired. Now the transport is closed at once (as on Evt17: AA-5, AR-5).
+    - Any other request of ours in Sta13 (e.g. the association thread's A-ASSOCIATE-RJ for a request
+      the reader has meanwhile aborted, Evt8) does nothing: the connection is going.
+    Every other event keeps pynetdicom's behaviour. False when the state machine is not the expected
+    one (then nothing changes)."""
     machine = getattr(getattr(assoc, "dul", None), "state_machine", None)
     if machine is None or not callable(getattr(machine, "do_action", None)) or not hasattr(machine, "current_state"):
         return False
     do_action = machine.do_action
 
     def do_action_unless_closing(event: str) -> None:
-        if event == "Evt15" and (event, machine.current_state) not in TRANSITION_TABLE:
-            log.debug("an abort requested in state %s (the connection is closing) does nothing", machine.current_state)
-            return
+        state = machine.current_state
+        if (event, state) not in TRANSITION_TABLE:
+            if event == "Evt15" and state in ("Sta2", "Sta13"):
+                log.debug("an abort requested in state %s closes the connection", state)
+                do_action("Evt17")  # as if the transport had closed: AA-5 / AR-5 close it and go to Sta1
+                return
+            if event in LOCAL_EVENTS and state in ("Sta1", "Sta13"):
+                log.debug("%s requested in state %s (the connection is closed or closing) does nothing", event, state)
+                return
         do_action(event)
 
     machine.do_action = do_action_unless_closing
     return True
+
+
+# events that our side's primitives cause (PS3.8 9.2: requests and responses of the local user), as
+# opposed to what the peer or the transport causes
+LOCAL_EVENTS = frozenset({"Evt1", "Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"})
 
 
 def received_file(event) -> bytes:

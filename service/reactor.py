@@ -98,11 +98,17 @@ class WaitingSocket(AssociationSocket):
     _spares: list
     _last_read: float = 0.0  # time.monotonic() of the last socket read that returned data
 
+    _poisoned: bool = False  # a PDU header that cannot be followed (unknown type, too long): read no more
+
     @property
     def ready(self) -> bool:
+        """True when a whole PDU is buffered, the socket has data (or closed) to read, or the stream
+        was given up (`poison`); else waits for either, or a wake-up, up to IDLE_WAIT_S. A PDU only
+        partly received is not "ready": the reader then waits here, where pynetdicom's timers (the idle
+        timer, ARTIM) and stop requests are still looked at, instead of inside a read."""
         if self.socket is None or self._is_connected is False:
             return False
-        if self._start < self._end:
+        if self._poisoned or self.whole_pdu() is not None:
             return True
         dul = self.assoc.dul
         busy = dul._kill_thread or dul.event_queue.qsize() or dul.to_provider_queue.qsize()
@@ -120,6 +126,45 @@ class WaitingSocket(AssociationSocket):
             self._release()
         return False
 
+    def header(self) -> tuple[int, int] | None:
+        """(type, length) of the PDU at the read position once its 6-byte header is buffered, else None."""
+        if self._end - self._start < 6:
+            return None
+        pdu_type, _, length = struct.unpack_from(">BBL", self._chunk, self._start)
+        return pdu_type, length
+
+    def whole_pdu(self) -> int | None:
+        """The size (header included) of the PDU at the read position once all of it is buffered, else None."""
+        header = self.header()
+        if header is None or self._end - self._start < 6 + header[1]:
+            return None
+        return 6 + header[1]
+
+    def read_available(self, n: int) -> bool:
+        """One read, without waiting, of what has arrived, into room for `n` bytes from the read
+        position; False once the connection has closed (or the listener's BoundedSocket ended it)."""
+        if self._start + n > len(self._chunk):
+            self._move(n)
+        room = len(self._chunk) - self._end
+        if room <= 0:
+            return True
+        with memoryview(self._chunk) as chunk:
+            try:
+                got = self.socket.recv_into(chunk[self._end :], room, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return True
+        if not got:
+            return False
+        self._end += got
+        self._last_read = time.monotonic()
+        return True
+
+    def poison(self) -> None:
+        """Give the stream up: what is buffered is dropped, and the next read reads as a closed
+        connection (a PDU of unknown type or length cannot be skipped: nothing after it can be framed)."""
+        self._poisoned = True
+        self._start = self._end = 0
+
     def _release(self) -> None:
         """Hold no chunks (views still held keep theirs alive for their holders): at the start, when
         closed, and when idle (an open association that sends nothing holds no buffers). Drops what
@@ -128,15 +173,10 @@ class WaitingSocket(AssociationSocket):
         self._start = self._end = 0
 
     def recv(self, nr_bytes: int) -> bytearray:
-        """`nr_bytes` bytes (fewer once the connection has closed, as pynetdicom), a copy of their own."""
+        """`nr_bytes` bytes (fewer once the connection has closed, as pynetdicom), a copy of their own.
+        Blocking, as pynetdicom's: the DUL's reads (`_direct_read`) use `read_available` instead."""
         with self.view(nr_bytes) as view:
             return bytearray(view)
-
-    def peek(self, nr_bytes: int) -> bytes:
-        """The next `nr_bytes` bytes (fewer once the connection has closed), left unread."""
-        self._fill(nr_bytes)
-        with memoryview(self._chunk) as chunk:
-            return bytes(chunk[self._start : min(self._start + nr_bytes, self._end)])
 
     def view(self, nr_bytes: int) -> memoryview:
         """The next `nr_bytes` bytes (fewer once the connection has closed) as a view of the chunk they
@@ -252,35 +292,50 @@ def _waiting_get(get):
 
 
 def _direct_read(dul):
-    """`dul._read_pdu_data`, as pynetdicom's (the same events: Evt17 for a closed connection or a short
-    PDU, Evt19 for an unknown type or one that does not decode), reading each PDU once, into the
-    connection's chunks (`WaitingSocket`): a P-DATA-TF PDU is decoded as a view of where it was read,
-    any other PDU is copied out for pynetdicom's decoders."""
+    """`dul._read_pdu_data`, as pynetdicom's (the same events: Evt17 for a closed connection, Evt19 for
+    an unknown type or a PDU that does not decode) but never waiting inside a read: each call reads,
+    without blocking, what has arrived into the connection's chunks (`WaitingSocket`) and acts only once
+    a whole PDU is there; until then it returns with no event, and `ready` waits for more. So a peer that
+    stops within a PDU holds nothing but its own association, which pynetdicom's timers end (the idle
+    timer once established, ARTIM before), and a stop request is seen at once (a read that waited for the
+    rest of a PDU held its association, and a listener's shutdown with it, for ever). A P-DATA-TF PDU is
+    decoded as a view of where it was read, any other PDU is copied out for pynetdicom's decoders. A PDU
+    of unknown type or too long ends the stream (`poison`): one Evt19 (one A-ABORT), then the connection
+    reads as closed (its header used to be peeked, not consumed, and read again on every turn: an
+    A-ABORT and a log line each, tens of thousands a second)."""
     def read_pdu_data() -> None:
         sock = dul.socket
-        try:
-            pdu_type, _, length = struct.unpack(">BBL", sock.peek(6))
-        except (OSError, TimeoutError, struct.error):
-            dul.event_queue.put("Evt17")  # the connection closed, or closed within a PDU header
+        if sock._poisoned:
+            dul.event_queue.put("Evt17")  # the stream was given up: as a closed connection
             return
-        # its buffer is made at the declared size: large only once an association (at most
-        # max_associations of them) is established; pynetdicom refuses data before that anyway
-        largest = LARGEST_PDU if dul.assoc.is_established else UNESTABLISHED_PDU
-        if pdu_type not in range(0x01, 0x08) or length > largest:
-            _DUL_LOG.error("Unknown PDU type 0x%02X or a PDU of %d bytes received", pdu_type, length)
-            dul.event_queue.put("Evt19")
-            return
-        try:
-            pdu = sock.view(6 + length)
-        except (OSError, TimeoutError):
-            _DUL_LOG.error("Connection closed before the entire PDU was received")
-            dul.event_queue.put("Evt17")
-            return
-        if len(pdu) != 6 + length:
-            _DUL_LOG.error("The received PDU is shorter than expected")
-            dul.event_queue.put("Evt17")
-            return
-        if pdu_type != 0x04 or not dul.assoc.is_established:
+        size = sock.whole_pdu()
+        if size is None:
+            try:
+                header = sock.header()
+                open_ = sock.read_available(6 if header is None else 6 + header[1])
+                header = sock.header()
+                if open_ and header is not None and _acceptable(dul, *header):
+                    size = sock.whole_pdu()
+                    if size is None:  # room for the whole PDU is made now that its length is known
+                        open_ = sock.read_available(6 + header[1])
+                        size = sock.whole_pdu()
+            except (OSError, TimeoutError):
+                dul.event_queue.put("Evt17")
+                return
+            if header is not None and not _acceptable(dul, *header):
+                _DUL_LOG.error("Unknown PDU type 0x%02X or a PDU of %d bytes received; the connection is given up",
+                               *header)
+                sock.poison()
+                dul.event_queue.put("Evt19")
+                return
+            if size is None:
+                if not open_:  # closed, within a PDU or between two
+                    if sock._end > sock._start:
+                        _DUL_LOG.error("The connection closed before the entire PDU was received")
+                    dul.event_queue.put("Evt17")
+                return  # not all of it yet: `ready` waits for more
+        pdu = sock.view(size)  # all buffered: no read
+        if pdu[0] != 0x04 or not dul.assoc.is_established:
             with pdu:
                 pdu = bytes(pdu)
         try:
@@ -292,6 +347,13 @@ def _direct_read(dul):
             return
         dul._recv_pdu.put(decoded)
     return read_pdu_data
+
+
+def _acceptable(dul, pdu_type: int, length: int) -> bool:
+    """A known PDU type, of a length whose buffer may be made: large only once an association (at most
+    max_associations of them) is established; pynetdicom refuses data before that anyway."""
+    largest = LARGEST_PDU if dul.assoc.is_established else UNESTABLISHED_PDU
+    return pdu_type in range(0x01, 0x08) and length <= largest
 
 
 def _viewing_decode(dul, decode):

@@ -2,6 +2,7 @@
 echoscu (other processes) and by a pynetdicom script for data sets storescu will not send."""
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -303,11 +304,13 @@ def test_listener_runs_the_model_on_single_threaded_workers_unless_told(monkeypa
         ListenerSettings(out="s.h5", max_pdu=0)  # 0 would be "unlimited" to pynetdicom
 
 
-def test_an_abort_that_arrives_while_the_connection_closes_does_nothing(tmp_path):
+def test_our_requests_while_the_connection_closes_do_no_harm(tmp_path):
     """`stop()` aborts the associations still open; one that is already closing (Sta13: its release
     reply or abort sent, awaiting the transport's close) has no transition for an abort, and
     pynetdicom's state machine raised InvalidEventError in its reader thread (a traceback on stderr,
-    seen once in CI). Now such an abort does nothing; other invalid events still raise."""
+    seen once in CI; an attacker's review found the same for an A-ASSOCIATE-RJ, Evt8). Now our side's
+    requests there do nothing, and an abort closes the transport (Sta1) instead of waiting for ARTIM;
+    an invalid event from the peer's side is still pynetdicom's error."""
     from pynetdicom import AE
     from pynetdicom.fsm import InvalidEventError
     from pynetdicom.sop_class import Verification
@@ -325,11 +328,55 @@ def test_an_abort_that_arrives_while_the_connection_closes_does_nothing(tmp_path
         assert machine.current_state == "Sta6"
         machine.current_state = "Sta13"  # idle association: its reader thread has no event to act on meanwhile
         try:
-            machine.do_action("Evt15")  # an A-ABORT request: nothing happens
-            assert machine.current_state == "Sta13"
-            with pytest.raises(InvalidEventError, match="Evt9"):
-                machine.do_action("Evt9")  # a P-DATA request while closing is still pynetdicom's error
+            for event in ("Evt8", "Evt9", "Evt14"):  # a reject, a P-DATA request, a release response
+                machine.do_action(event)
+                assert machine.current_state == "Sta13"
         finally:
             machine.current_state = "Sta6"
+        with pytest.raises(InvalidEventError, match="Evt5"):
+            machine.do_action("Evt5")  # a transport connection indication on an open association
         assert int(assoc.send_c_echo().Status) == 0  # the association works on
-        assoc.release()
+        machine.current_state = "Sta13"
+        machine.do_action("Evt15")  # an abort while closing: the transport is closed now
+        assert machine.current_state == "Sta1"
+        deadline = time.monotonic() + 10
+        while assoc.is_established and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not assoc.is_established
+
+
+def test_uids_a_peer_sent_stay_out_of_the_log(dcm_dir, tmp_path, caplog, capfd):
+    """Non-conformant UIDs (letters in them) were quoted by pynetdicom's log ("Non-conformant 'Affected
+    SOP Instance UID' value '...'") and by pydicom's warnings on stderr (found by an attacker review);
+    a traceback per malformed message flooded the log too. Values are left out, tracebacks reduced to
+    their exception's type; the instance is still stored under its UID."""
+    import struct
+
+    from pynetdicom import AE
+
+    from service.listener import PeerValueFilter, without_values
+
+    caplog.set_level(logging.WARNING)  # as the command line sets pynetdicom's (at INFO its own handlers print messages)
+    caplog.set_level(logging.DEBUG, logger="cxr_embed")
+    with in_process_listener(tmp_path, MODEL) as listener:
+        # the sender is this process too: its own pydicom warnings (setting the UIDs) would count otherwise
+        ds = pydicom.dcmread(dcm_dir / "RG1_UNCR.dcm")
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5.ZZQSOP.1"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.3.ZZQSTUDY.9", "1.2.3.ZZQSERIES.9"
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", listener.port, ae_title="CXREMBED")
+        assert int(assoc.send_c_store(ds).Status) == 0
+        # a data-set fragment with no command before it: pynetdicom logs the exception it raises
+        assoc.dul.socket.socket.sendall(struct.pack(">BBL", 4, 0, 6 + 50) + struct.pack(">LBB", 52, 1, 0x02)
+                                        + b"ZZQDATA" * 7 + b"z")
+        deadline = time.monotonic() + 10
+        while listener._ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+    logged = "\n".join(f"{r.name} {r.getMessage()} {r.exc_text or ''}" for r in caplog.records)
+    assert "Non-conformant" in logged and "Traceback" not in logged and "(KeyError)" in logged
+    assert "ZZQ" not in logged + capfd.readouterr().err
+    assert Store(tmp_path / "s.h5").ids == ["1.2.3.4.5.ZZQSOP.1"]
+    record = logging.LogRecord("pynetdicom.utils", logging.WARNING, "", 0, "value %r of %s", ("1.2.ZZQ", "x"), None)
+    assert PeerValueFilter().filter(record) and record.getMessage() == "value <redacted> of x"
+    assert without_values('said "ZZQ" and \'ZZQ\'') == "said <redacted> and <redacted>"

@@ -441,7 +441,80 @@ def test_a_large_pdu_before_any_association_is_refused_before_its_buffer(tmp_pat
             received = b""
             while chunk := peer.recv(4096):  # ends when the listener closes the connection
                 received += chunk
-        assert received[:1] in (b"", b"\x07")  # an A-ABORT, or just the close
+        assert received in (b"", bytes.fromhex("07000000000400000000"))  # one A-ABORT at most, then the close
         echo = subprocess.run([sys.executable, "-m", "pynetdicom", "echoscu", "127.0.0.1", str(listener.port)],
                               capture_output=True, text=True, timeout=60)
         assert echo.returncode == 0, echo.stderr[-2000:]
+
+
+def _read_until_closed(peer, limit_s: float) -> tuple[bytes, float]:
+    start, received = time.monotonic(), b""
+    peer.settimeout(limit_s)
+    try:
+        while chunk := peer.recv(4096):
+            received += chunk
+    except socket.timeout:
+        return received + b"<still open>", time.monotonic() - start
+    return received, time.monotonic() - start
+
+
+@pytest.mark.parametrize("pdu_type", [0x09, 0xFF])
+def test_an_unknown_pdu_gets_one_abort_and_the_connection_closes(tmp_path, caplog, pdu_type):
+    """10 bytes (a PDU of an unknown type) used to make the listener send A-ABORTs in a loop, tens of
+    thousands a second with a log line each: its header was peeked, never consumed, and read again on
+    every turn. Now one A-ABORT, one log line, and the connection is closed."""
+    import struct
+
+    with in_process_listener(tmp_path, MODEL) as listener, caplog.at_level(logging.ERROR, "pynetdicom"):
+        with socket.create_connection(("127.0.0.1", listener.port), timeout=20) as peer:
+            peer.sendall(struct.pack(">BBL", pdu_type, 0, 4) + b"abcd")
+            received, _ = _read_until_closed(peer, 20)
+        assert received == bytes.fromhex("07000000000400000000"), received[:40]  # A-ABORT, source: service user
+        assert len([r for r in caplog.records if "Unknown PDU type" in r.getMessage()]) == 1
+
+
+def test_a_peer_that_stops_within_a_pdu_holds_only_its_association_and_not_for_ever(tmp_path):
+    """A read waited for the rest of a PDU for ever: 6 bytes of an A-ASSOCIATE-RQ header per connection
+    held every association slot, and a peer stopped inside a P-DATA-TF outlived the idle timer. Now
+    the reader waits where pynetdicom's timers are checked: ARTIM closes the first (acse_timeout), the
+    idle timer aborts the second (network_timeout); others are served meanwhile."""
+    import struct
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    with in_process_listener(tmp_path, MODEL) as listener:
+        listener._ae.acse_timeout = listener._ae.network_timeout = 2
+        with socket.create_connection(("127.0.0.1", listener.port), timeout=20) as peer:
+            peer.sendall(struct.pack(">BBL", 0x01, 0, 200))  # an A-ASSOCIATE-RQ that never comes
+            ae = AE(ae_title="TESTSCU")
+            ae.add_requested_context(Verification)
+            assoc = ae.associate("127.0.0.1", listener.port, ae_title="CXREMBED")
+            assert assoc.is_established and int(assoc.send_c_echo().Status) == 0  # served meanwhile
+            received, waited = _read_until_closed(peer, 20)
+            assert received in (b"", bytes.fromhex("07000000000400000000")) and waited < 10
+            # established, then part of a P-DATA-TF PDU (header and 10 of its 1000 bytes), then nothing
+            assoc.dul.socket.socket.sendall(struct.pack(">BBL", 0x04, 0, 1000) + b"x" * 10)
+            deadline = time.monotonic() + 15
+            while listener._ae.active_associations and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not listener._ae.active_associations  # ended by the idle timer (2 s here)
+            assoc.abort()
+
+
+def test_stop_does_not_wait_for_a_peer_stalled_before_associating(tmp_path):
+    """SIGTERM with one connection stalled inside its A-ASSOCIATE-RQ never finished: the abort had no
+    transition before an association (Sta2) and the reader was blocked in a read. Now `stop()` closes
+    such a connection and returns after its grace period."""
+    import struct
+
+    listener = in_process_listener(tmp_path, MODEL, stop_grace_s=1).start()
+    with socket.create_connection(("127.0.0.1", listener.port), timeout=20) as peer:
+        peer.sendall(struct.pack(">BBL", 0x01, 0, 200))
+        time.sleep(0.5)
+        start = time.monotonic()
+        summary = listener.stop()
+        took = time.monotonic() - start
+        received, _ = _read_until_closed(peer, 5)
+    assert took < 6, f"stop() took {took:.1f} s"
+    assert not received.endswith(b"<still open>") and summary.received == 0
