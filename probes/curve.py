@@ -279,6 +279,10 @@ def plan_draws(tr_y: np.ndarray, tr_pat: list[str], sizes, repeats: int, seed: i
             continue
         if n == n_all and any(p[0] == "full" for p in plan):
             continue  # a number equal to the train split is 'full'; fit it once
+        least = MIN_PER_CLASS * len(np.unique(tr_y))
+        if n < min(least, n_all):
+            log(f"warning: size {size} is below the {least} images a draw needs ({MIN_PER_CLASS} of each class): "
+                f"its draws hold {least} (the n_train column says so)")
         reps = 1 if n == n_all else repeats  # draws of the full set are all equal
         for rep in range(reps):
             rng = np.random.default_rng([seed, n, rep])

@@ -62,3 +62,4 @@ def test_fit_table_takes_rows_without_a_target_or_a_number(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "| n/a (n/a-n/a) | n/a | no target |" in out.stdout
     assert "| 0.74 | n/a (n/a-n/a) | 0.90 | no trend | the fit is flat |" in out.stdout
+

@@ -217,3 +217,18 @@ def test_curve_refuses_a_test_set_that_is_not_held_out_and_bad_counts(tb_store, 
     assert main([*base, "--sizes", "45", "--bootstrap", "0"]) == 2
     assert "--bootstrap >= 2" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_a_size_below_what_a_draw_needs_is_said_not_silently_raised():
+    """`--sizes 4,6,8,10` on a binary task gave four rows of n_train 10 and no word why (a newcomer's
+    review): a stratified draw holds at least 5 images of each class."""
+    import numpy as np
+
+    from probes.curve import plan_draws
+
+    y = np.array([0, 1] * 30)
+    said = []
+    plan = plan_draws(y, [""] * len(y), [4, 10, 20], 2, 0, log=said.append)
+    assert said == ["warning: size 4 is below the 10 images a draw needs (5 of each class): its draws hold 10 "
+                    "(the n_train column says so)"]
+    assert [len(idx) for size, _, idx in plan if size == 4] == [10, 10]
