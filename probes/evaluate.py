@@ -121,6 +121,9 @@ def evaluate_probe(probe: str | os.PathLike | Probe, store: str | os.PathLike | 
         warn(f"warning: probe {name} was trained with {trained[1]!r} as positive and {table.path.name} has {table.positive!r}: "
              "make sure they are the same class (a yes/no label and a class name cannot be checked against each other)")
     which, described = _rows(table, split)
+    if split == "auto" and which is None and warn is not None:
+        warn(f"warning: {table.path.name} has no split column, so every row is scored; an image the probe was "
+             "trained on scores higher than a new one would (an optimistic AUC): keep a test split aside")
     rows = table.rows_in(store, which, f"store {store.path}", warn=warn)
     y = table.y[rows] == 1
     if min(int(y.sum()), int((~y).sum())) < 2:

@@ -231,3 +231,12 @@ def test_predict_example_prints_a_score(capsys):
     probe = load_probe(example_probe_path())
     assert float(line.split(":")[-1]) >= probe.threshold_  # the image's report says pneumonia
     assert "is_frontal_cxr: 1" in out
+
+
+def test_evaluate_without_a_split_column_warns_that_training_rows_count(tb_probe, tb_store, task, tmp_path, capsys):
+    labels = _write(tmp_path / "nosplit.csv", ["image", "label"],
+                    [[r["image"], "TB" if r["label"] == "1" else "normal"] for r in task])
+    assert main(["evaluate", "--probe", str(tb_probe), "--store", str(tb_store), "--labels", str(labels)]) == 0
+    captured = capsys.readouterr()
+    assert "(every row)" in captured.out or "every row" in captured.out
+    assert "nosplit.csv has no split column, so every row is scored" in captured.err
