@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 from cxr_embed.cli import add_backend_options
 from cxr_embed.errors import ConfigError, CxrEmbedError
@@ -65,6 +66,13 @@ def check_port_free(host: str, port: int) -> None:
                                 "there? Choose another with --port") from None
 
 
+def check_probes_path(probes) -> None:
+    """Refuse a --probes path that does not exist before the model loads (it was said after)."""
+    if probes and not Path(probes).exists():
+        raise ConfigError(f"--probes {probes}: no such file or folder (a folder of saved probes, *.json, or one "
+                          "probe file; train one with `cxr-embed probe`)")
+
+
 def serve(settings, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     """Run the service until stopped; raises CxrEmbedError when the port is busy or loading fails."""
     from cxr_embed.process import configure_process
@@ -104,6 +112,7 @@ def _cmd_serve(args) -> int:
         if settings.probes:
             print("serving the shipped example probe (NIH pneumonia, research use only); --probes DIR for your own, "
                   "--probes none for none", flush=True)
+    check_probes_path(settings.probes)
     host = args.host or os.environ.get("CXR_EMBED_HOST", "127.0.0.1")
     raw_port = args.port or os.environ.get("CXR_EMBED_PORT", "8000")
     try:
@@ -127,6 +136,7 @@ def _cmd_listen(args) -> int:
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     service = listener_service_settings(model=args.model, probes=args.probes, device=args.device,
                                         image_check=args.image_check, backend=args.backend, precision=args.precision)
+    check_probes_path(service.probes)
     settings = ListenerSettings(out=args.out, service=service, host=args.host, port=args.port, ae_title=args.ae_title,
                                 require_called_aet=args.require_called_aet, max_associations=args.max_associations,
                                 max_pdu=args.max_pdu)

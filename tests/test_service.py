@@ -247,6 +247,15 @@ def test_probe_of_another_model_refused_at_start(probe_dir):
     assert "different model" in proc.stderr and "tb" in proc.stderr
 
 
+def test_a_probes_path_that_does_not_exist_is_refused_before_the_model_loads(tmp_path):
+    for command in (["serve", "--port", str(_free_port())], ["listen", "--port", str(_free_port()), "--out",
+                                                             str(tmp_path / "s.h5")]):
+        proc = subprocess.run([sys.executable, "-m", "cxr_embed", *command, "--probes", str(tmp_path / "nope")],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and f"--probes {tmp_path / 'nope'}: no such file or folder" in proc.stderr
+        assert "loading" not in proc.stdout + proc.stderr and not (tmp_path / "s.h5").exists()
+
+
 def test_ready_is_503_until_loaded():
     """In process, before the engine has loaded: /health up, /ready and work routes 503 with Retry-After."""
     from fastapi.testclient import TestClient
