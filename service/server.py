@@ -41,6 +41,9 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    # faiss says at INFO which of its builds it could not load ("Could not load library with AVX512
+    # support ..."), on every start: expected on most CPUs, and alarming to read
+    logging.getLogger("faiss.loader").setLevel(max(logging.WARNING, root.level))
 
 
 def header_timeout_protocol(seconds: float):
