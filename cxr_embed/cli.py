@@ -161,7 +161,8 @@ def _cmd_store_remove(args) -> int:
     report = remove_images(args.store, ids)
     print(f"{report.path}: removed {len(report.removed)} image(s) and {len(report.removed_failures)} failure record(s); "
           f"{report.remaining} remain. The file was rewritten without them; rebuild any index saved from it, "
-          "and remove copies and shard stores yourself")
+          "and remove copies and shard stores yourself. Take them out of the CSV or folder you embed from too: "
+          "an `embed` run that lists them again embeds them again")
     return 0
 
 
