@@ -17,6 +17,7 @@ probes on the draws both have (a curve of 20 draws against fine-tuning's first 5
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import time
@@ -161,6 +162,10 @@ def run_curve(
     if int(bootstrap) < 2 or int(repeats) < 1:
         raise ConfigError(f"the curve needs --bootstrap >= 2 and --repeats >= 1, not {bootstrap} and {repeats}")
     sizes = check_sizes(list(sizes), f"sizes {list(sizes)}")
+    plot = importlib.util.find_spec("matplotlib") is not None  # a slim install has none: said now, not at the end
+    if not plot:
+        log("warning: matplotlib is not installed, so no curve.png (the tables are written); pip install matplotlib "
+            "for the plot")
     result = CurveResult()
     data = load_curve_data(stores, labels, test_labels, positive, log, result, metadata)
     plan = plan_draws(data.tr_y, data.tr_pat, sizes, repeats, seed, log)
@@ -177,7 +182,7 @@ def run_curve(
     result.comparisons = _compare(data, boot, resample, n_train, pairs, sizes_done, reps)
     _fit_curves(data, boot, resample, n_train, sizes_done, list(targets), result, log)
     result.seconds = time.perf_counter() - start
-    _write_outputs(Path(out_dir), data, result, reps, max(len(plan_of(plan, s)) for s in sizes_done))
+    _write_outputs(Path(out_dir), data, result, reps, max(len(plan_of(plan, s)) for s in sizes_done), plot)
     return result
 
 
@@ -467,7 +472,8 @@ def model_names(stores: list[Store]) -> list[str]:
     return [f"{s.model_name} ({s.path.parent.name}/{s.path.stem}, store {i + 1})" for i, s in enumerate(stores)]
 
 
-def _write_outputs(out: Path, data: CurveData, result: CurveResult, reps: Replicates, draws: int) -> None:
+def _write_outputs(out: Path, data: CurveData, result: CurveResult, reps: Replicates, draws: int,
+                   plot: bool = True) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("curve.csv", result.rows), ("summary.csv", result.summary),
                        ("comparison.csv", result.comparisons), ("fit.csv", result.fits)):
@@ -475,6 +481,9 @@ def _write_outputs(out: Path, data: CurveData, result: CurveResult, reps: Replic
             write_csv(out / name, rows)
         else:  # nothing of this kind in this run: a file left by an earlier run would be read as this one's
             (out / name).unlink(missing_ok=True)
+    if not plot:
+        (out / "curve.png").unlink(missing_ok=True)  # an earlier run's plot is not this run's
+        return
     n_pos = int((data.te_y == 1).sum())
     title = (f"{data.task}: test n={len(data.te_y)} ({n_pos} positive, {reps.n_patients} patients"
              f"{', external' if data.external else ''}); {draws} training draws per size, 1 at full")

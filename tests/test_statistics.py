@@ -227,3 +227,21 @@ def test_fit_csv_follows_the_run(tmp_path):
                     bootstrap=200, log=notes.append)
     assert not res.fits and not (out / "fit.csv").exists()
     assert any("no learning-curve fit" in n for n in notes)
+
+
+def test_without_matplotlib_the_curve_says_so_first_and_writes_its_tables(tmp_path, monkeypatch):
+    """A slim install (no matplotlib) computed the whole curve, wrote its tables and then exited 2 on the
+    plot (a newcomer's review): now it says at the start that there will be no plot, and succeeds."""
+    import importlib.util
+
+    store, labels = _synthetic_task(tmp_path, np.random.default_rng(5))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "curve.png").write_bytes(b"an earlier run's plot")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
+    notes = []
+    run_curve([store], labels, out, sizes=[45, "full"], repeats=2, probes=["linear"], progress=False, bootstrap=200,
+              log=notes.append)
+    assert notes[0].startswith("warning: matplotlib is not installed, so no curve.png")
+    assert (out / "summary.csv").exists() and not (out / "curve.png").exists()
