@@ -51,12 +51,12 @@ def add_ray_options(p) -> None:
                    help="GPUs per actor (default 0: the model runs on the CPU)")
 
 
-def add_backend_options(p, default: str | None = "torch") -> None:
+def add_backend_options(p, default: str | None = "auto") -> None:
     """--runtime and --precision, for every command that runs the model (embed, serve)."""
-    p.add_argument("--runtime", "--backend", dest="backend", default=default, choices=["torch", "openvino"],
+    p.add_argument("--runtime", "--backend", dest="backend", default=default, choices=["auto", "torch", "openvino"],
                    help="what runs the model: torch, or openvino (CPU; the model's ONNX export shipped in the "
                         "package, or for a checkpoint built once into the cache folder, CXR_EMBED_CACHE; the only "
-                        "one a slim install has) (default: torch)")
+                        "one a slim install has) (default: auto, torch where it is installed, else openvino)")
     p.add_argument("--precision", default="f32" if default else None, choices=["f32", "bf16"],
                    help="f32 (default; openvino gives torch's embeddings within 1e-4) or bf16 (openvino "
                         "only: faster, embeddings off by up to about 0.5; opt-in)")

@@ -31,7 +31,7 @@ class Embedder:
 
     def __init__(self, model=None, batch_size: int = 32, device: str | None = None,
                  decode_workers: int = 2, image_check: str = "never", settings: RuntimeSettings | None = None,
-                 backend: str = "torch", precision: str = "f32"):
+                 backend: str = "auto", precision: str = "f32"):
         """`model`: a registered name, a checkpoint path (or with backend "openvino" an .onnx export),
         an EmbeddingModel object, or None for the shipped default."""
         self.batch_size = int(batch_size)

@@ -26,6 +26,7 @@ every embedding.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import threading
@@ -68,8 +69,9 @@ class RuntimeSettings:
     # image too; always = by the image too, every time; never = by DICOM tags only (no check network)
     image_check: str = "never"
     # what runs the model: "torch", or "openvino" (CPU only; the same model's ONNX export, shipped in the
-    # package or cached; the only backend of a slim install, which has no torch)
-    backend: str = "torch"
+    # package or cached; the only backend of a slim install, which has no torch); "auto": torch where
+    # it is installed, else openvino (resolved at construction)
+    backend: str = "auto"
     # arithmetic of the model: "f32", or "bf16" (openvino only, opt-in: faster, embeddings off by up to ~0.5)
     precision: str = "f32"
     model_threads: int = 0  # threads running the model; 0: torch's default (one per core)
@@ -101,6 +103,8 @@ class RuntimeSettings:
 
     def _check_backend(self) -> None:
         self.backend, self.precision = str(self.backend).strip().lower(), str(self.precision).strip().lower()
+        if self.backend == "auto":
+            self.backend = default_backend(self.model)
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend {self.backend!r}: expected one of {', '.join(BACKENDS)}")
         if self.precision not in OPENVINO_CHUNK:
@@ -116,6 +120,16 @@ class RuntimeSettings:
             if int(self.cpu_workers) > 1:
                 raise ConfigError("cpu_workers > 1 is for the torch backend; OpenVINO runs its own team of "
                                   "model_threads threads: leave cpu_workers at 0 or 1")
+
+
+def default_backend(model=None) -> str:
+    """openvino for an ONNX export, else torch where it is installed, else openvino (a slim install
+    has no torch: README)."""
+    try:
+        torch = importlib.util.find_spec("torch")
+    except ImportError:  # an import hook that refuses it
+        torch = None
+    return "openvino" if str(model or "").endswith(".onnx") or torch is None else "torch"
 
 
 @dataclass

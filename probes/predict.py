@@ -158,7 +158,7 @@ def _write_record(out: Path, probes: Mapping[str, Probe]) -> None:
 
 def predict_images(images: str | os.PathLike, out: str | os.PathLike, probes: str | os.PathLike | None = None,
                    image_root: str | os.PathLike | None = None, device: str = "auto", batch_size: int = 16,
-                   progress: bool = True, log=None, backend: str = "torch", precision: str = "f32") -> PredictSummary:
+                   progress: bool = True, log=None, backend: str = "auto", precision: str = "f32") -> PredictSummary:
     """Score every image of `images` (a folder, a CSV with an `image` column, or one file) with the
     probes of `probes` (a probe file or folder; default: the shipped example probe) into the CSV
     `out` (rules: module docstring). The model is the one the probes were trained on, run by

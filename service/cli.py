@@ -23,7 +23,7 @@ def register(sub) -> None:
                         "example probe (NIH pneumonia) when the model is the shipped default; 'none': no probes")
     p.add_argument("--store", default=None, help="store searched by /search (CXR_EMBED_STORE)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (CXR_EMBED_DEVICE; default auto)")
-    add_backend_options(p, default=None)  # None: CXR_EMBED_BACKEND / CXR_EMBED_PRECISION, else torch/f32
+    add_backend_options(p, default=None)  # None: CXR_EMBED_BACKEND / CXR_EMBED_PRECISION, else auto/f32
     p.add_argument("--image-check", default=None, choices=["auto", "always", "never"],
                    help="is-it-a-frontal-CXR check by the image: auto (default) when DICOM tags do not already say "
                         "CR/DX chest AP/PA, always, or never (tags only) (CXR_EMBED_IMAGE_CHECK)")

@@ -86,6 +86,7 @@ try:
     Runtime(RuntimeSettings(backend="torch"))
 except MissingDependency as exc:
     print("refused:", exc)
+print("default backend", RuntimeSettings().backend, RuntimeSettings(model="x.onnx").backend)
 print("code", main(["pretrain"]))
 for argv in (["finetune", "--labels", "l.csv", "--model", "m", "--out", "o.csv"], ["explain", sys.argv[1], "--out", "o.png"]):
     print(argv[0], "code", main(argv))
@@ -98,6 +99,7 @@ print("loaded:", sorted(m for m in sys.modules if m.split(".")[0] in {"torch", "
     out = proc.stdout
     assert "(1280,) True ['dicom_tags', 'image']" in out and "loaded: []" in out and "code 2" in out
     assert "refused: the torch backend (--runtime torch) needs the torch package" in out
+    assert "default backend openvino openvino" in out  # no --runtime openvino needed without torch
     assert "install the full package (pip install cxr-embed" in out and "pretraining" in proc.stderr
     assert "finetune code 2" in out and "explain code 2" in out  # MissingDependency, not a traceback
     assert "cxr-embed finetune needs the torch package" in proc.stderr
@@ -196,17 +198,18 @@ def test_slim_install_serves_embed_as_torch_does(slim_venv, torch_results, dcm_d
 
 @pytest.mark.slow
 def test_slim_install_embeds_into_a_store_and_scores(slim_venv, samples, tmp_path):
-    """`embed` and `predict` from the slim install: the store holds torch's embeddings within 1e-4."""
+    """`embed` and `predict` from the slim install, without --runtime: the store holds torch's embeddings
+    within 1e-4."""
     from cxr_embed.embedder import Embedder
     from cxr_embed.store import Store
 
     store = tmp_path / "slim.h5"
-    proc = _run(slim_venv, "cxr-embed", "embed", "--images", str(samples), "--out", str(store), "--runtime",
-                "openvino", "--no-progress", cwd=tmp_path)
+    proc = _run(slim_venv, "cxr-embed", "embed", "--images", str(samples), "--out", str(store), "--no-progress",
+                cwd=tmp_path)  # no --runtime: openvino is the default where torch is not installed
     assert proc.returncode == 0, proc.stderr[-3000:]
     slim = Store(store)
     torch_embs = Embedder().embed([samples / i for i in slim.ids])
     np.testing.assert_allclose(slim.embeddings(), torch_embs, atol=1e-4)
     assert slim.metadata(slim.ids[0])["runtime"] == "openvino/f32" and len(slim) == 6
-    scored = _run(slim_venv, "cxr-embed", "predict", "--example", "--runtime", "openvino", cwd=tmp_path)
+    scored = _run(slim_venv, "cxr-embed", "predict", "--example", cwd=tmp_path)
     assert scored.returncode == 0 and "nih-pneumonia-linear.probability: 0." in scored.stdout, scored.stderr[-2000:]
