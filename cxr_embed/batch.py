@@ -27,12 +27,21 @@ class InputItem:
     metadata: dict = field(default_factory=dict)
 
 
-def list_inputs(images: str | os.PathLike, image_root: str | os.PathLike | None = None) -> list[InputItem]:
-    """Items from a folder (recursive, DICOM/PNG/JPEG by suffix), a CSV with an `image` column, or one image file."""
+def list_inputs(images: str | os.PathLike, image_root: str | os.PathLike | None = None, warn=None) -> list[InputItem]:
+    """Items from a folder (recursive: DICOM/PNG/JPEG by suffix, and files of any other name that are
+    DICOM files, as PACS exports often name them: IM0001, 1.2.840...), a CSV with an `image` column, or
+    one image file. The files of a folder left out are reported through `warn`."""
     src = Path(images)
     if src.is_dir():
         root = Path(image_root) if image_root else src
-        files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files, skipped = [], []
+        for p in sorted(src.rglob("*")):
+            if p.is_file() and not p.name.startswith("."):
+                image = p.suffix.lower() in IMAGE_SUFFIXES or (p.name.upper() != "DICOMDIR" and _is_dicom_file(p))
+                (files if image else skipped).append(p)  # DICOMDIR: a media's index of its files, no image
+        if skipped and warn is not None:
+            examples = ", ".join(p.name for p in skipped[:3])
+            warn(f"note: {len(skipped)} file(s) in {src} are not DICOM, PNG or JPEG and are left out (e.g. {examples})")
         return [InputItem(p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p), p) for p in files]
     if not src.is_file():
         raise InputError(f"--images {src}: no such folder, CSV or image file")
@@ -43,6 +52,15 @@ def list_inputs(images: str | os.PathLike, image_root: str | os.PathLike | None 
                          f"({', '.join(sorted(IMAGE_SUFFIXES))})")
     root = Path(image_root) if image_root else src.parent
     return read_image_csv(src, root)
+
+
+def _is_dicom_file(path: Path) -> bool:
+    """A DICOM file (PS3.10: "DICM" after a 128-byte preamble), whatever its name: 132 bytes read."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
 
 
 def read_image_csv(path: Path, root: Path) -> list[InputItem]:

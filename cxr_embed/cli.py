@@ -76,7 +76,7 @@ def _cmd_embed(args) -> int:
         import torch.distributed as dist
 
         dist.init_process_group("gloo")
-    items = list_inputs(args.images, args.image_root)
+    items = list_inputs(args.images, args.image_root, warn=note)
     if not items:
         raise CxrEmbedError(f"no images found in {args.images}")
     check_paths_exist(items, args.images, warn=note)

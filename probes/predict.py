@@ -164,7 +164,7 @@ def predict_images(images: str | os.PathLike, out: str | os.PathLike, probes: st
     `out` (rules: module docstring). The model is the one the probes were trained on, run by
     `backend` at `precision` (`cxr_embed.runtime.RuntimeSettings`)."""
     loaded, identity = load_for_predict(probes)
-    items = list_inputs(images, image_root)
+    items = list_inputs(images, image_root, warn=log)
     check_paths_exist(items, images, warn=log)
     out = Path(out)
     columns = header(loaded)

@@ -48,6 +48,30 @@ def test_embed_csv_with_paths_not_under_the_root_says_what_to_do(samples, tmp_pa
     assert not (tmp_path / "s.h5").exists()  # refused before the model loaded
 
 
+def test_a_folder_of_dicoms_without_suffixes_is_embedded_and_other_files_are_named(dcm_dir, samples, tmp_path,
+                                                                                      capsys):
+    """PACS exports often name DICOM files IM0001 or by UID, with no .dcm: a folder of them was embedded
+    as "no images found", and files left out were never mentioned (a newcomer's review)."""
+    from cxr_embed.batch import list_inputs
+
+    folder = tmp_path / "export"
+    (folder / "series1").mkdir(parents=True)
+    (folder / "series1" / "IM0001").write_bytes((dcm_dir / "RG1_UNCR.dcm").read_bytes())
+    (folder / "1.2.840.5.6").write_bytes((dcm_dir / "RG1_UNCR.dcm").read_bytes())
+    (folder / "chest.jpg").write_bytes(next(samples.glob("*.jpg")).read_bytes())
+    (folder / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)  # a media's index: no image
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".DS_Store").write_bytes(b"\0" * 200)
+    notes = []
+    items = list_inputs(folder, warn=notes.append)
+    assert [it.image_id for it in items] == ["1.2.840.5.6", "chest.jpg", "series1/IM0001"]
+    assert notes == [f"note: 2 file(s) in {folder} are not DICOM, PNG or JPEG and are left out (e.g. DICOMDIR, notes.txt)"]
+    out = tmp_path / "s.h5"
+    assert main(["embed", "--images", str(folder), "--out", str(out), "--model", "imagenet-effnet-lite0",
+                 "--no-progress"]) == 0
+    assert "2 file(s)" in capsys.readouterr().err and sorted(Store(out).ids) == [it.image_id for it in items]
+
+
 @pytest.fixture(scope="module")
 def small_store(samples, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "nih.h5"
