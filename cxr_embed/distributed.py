@@ -35,7 +35,7 @@ from .errors import ConfigError, CxrEmbedError, DistributedJobError, MissingDepe
 from .identity import ModelIdentity
 from .journal import journal_path, remove_journal
 from .runtime import RuntimeSettings
-from .store import Store, StoreWriter, check_identity, merge_stores
+from .store import Store, StoreWriter, check_identity, lock_path, merge_stores
 
 DATA_CPUS = 2  # logical CPUs a local instance keeps for Ray Data's own tasks
 DEFAULT_ACTOR_CPUS = 2  # the runtime's tuned case: 2 model threads, CPU chunks of 4 (BENCHMARKS.md)
@@ -290,6 +290,7 @@ def merge_shards(out: Path) -> Store | None:
     for path in shards + sorted(folder.glob(SHARD_GLOB + ".tmp")):  # once durable in `out` (a kill before: merged again)
         path.unlink()
         remove_journal(journal_path(path))  # a killed actor's journal, whose rows are in `out` now
+        lock_path(path).unlink(missing_ok=True)  # its writer's lock file (no writer is left to hold it)
     try:
         folder.rmdir()
     except OSError:  # something else in it: left alone

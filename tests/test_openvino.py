@@ -187,7 +187,8 @@ def test_an_onnx_file_is_a_model_for_openvino_and_refused_by_torch(cache, tmp_pa
     finally:
         rt.close()
     with pytest.raises(ConfigError, match="runs on backend 'openvino'"):
-        RuntimeSettings(model=str(out))
+        RuntimeSettings(model=str(out), backend="torch")
+    assert RuntimeSettings(model=str(out)).backend == "openvino"  # the default (auto) picks it for an export
 
 
 @pytest.mark.parametrize("values, message", [
