@@ -110,6 +110,9 @@ class WaitingSocket(AssociationSocket):
             return False
         if self._poisoned or self.whole_pdu() is not None:
             return True
+        header = self.header()
+        if header is not None and not _acceptable(self.assoc, *header):  # buffered behind the last PDU read
+            return True
         dul = self.assoc.dul
         busy = dul._kill_thread or dul.event_queue.qsize() or dul.to_provider_queue.qsize()
         try:  # a selector, not select.select: no limit at file descriptor 1024
@@ -308,21 +311,22 @@ def _direct_read(dul):
         if sock._poisoned:
             dul.event_queue.put("Evt17")  # the stream was given up: as a closed connection
             return
-        size = sock.whole_pdu()
+        size, open_ = sock.whole_pdu(), True
         if size is None:
             try:
-                header = sock.header()
-                open_ = sock.read_available(6 if header is None else 6 + header[1])
-                header = sock.header()
-                if open_ and header is not None and _acceptable(dul, *header):
+                for _ in range(2):  # the header, then room for the whole PDU once its length is known
+                    header = sock.header()
+                    if header is not None and not _acceptable(dul.assoc, *header):
+                        break  # checked before any buffer is made for its declared length
+                    open_ = sock.read_available(6 if header is None else 6 + header[1])
                     size = sock.whole_pdu()
-                    if size is None:  # room for the whole PDU is made now that its length is known
-                        open_ = sock.read_available(6 + header[1])
-                        size = sock.whole_pdu()
+                    if size is not None or not open_:
+                        break
+                header = sock.header()
             except (OSError, TimeoutError):
                 dul.event_queue.put("Evt17")
                 return
-            if header is not None and not _acceptable(dul, *header):
+            if header is not None and not _acceptable(dul.assoc, *header):
                 _DUL_LOG.error("Unknown PDU type 0x%02X or a PDU of %d bytes received; the connection is given up",
                                *header)
                 sock.poison()
@@ -349,10 +353,10 @@ def _direct_read(dul):
     return read_pdu_data
 
 
-def _acceptable(dul, pdu_type: int, length: int) -> bool:
+def _acceptable(assoc, pdu_type: int, length: int) -> bool:
     """A known PDU type, of a length whose buffer may be made: large only once an association (at most
     max_associations of them) is established; pynetdicom refuses data before that anyway."""
-    largest = LARGEST_PDU if dul.assoc.is_established else UNESTABLISHED_PDU
+    largest = LARGEST_PDU if assoc.is_established else UNESTABLISHED_PDU
     return pdu_type in range(0x01, 0x08) and length <= largest
 
 

@@ -518,3 +518,36 @@ def test_stop_does_not_wait_for_a_peer_stalled_before_associating(tmp_path):
         received, _ = _read_until_closed(peer, 5)
     assert took < 6, f"stop() took {took:.1f} s"
     assert not received.endswith(b"<still open>") and summary.received == 0
+
+
+def test_a_bad_header_behind_a_whole_pdu_is_refused_before_any_buffer_is_made_for_it():
+    """A whole PDU and, in the same read, the header of one declaring ~4 GiB: the first is decoded; the
+    second is refused from its header (one Evt19, the stream given up), and no buffer is made for its
+    declared length; a PDU arriving a byte at a time is decoded once whole, never waited for inside a read."""
+    import queue
+    import struct
+
+    a, b = socket.socketpair()
+    transport = _reading_socket(b)
+    transport._poisoned = False
+    dul = SimpleNamespace(socket=transport, assoc=transport._assoc, event_queue=queue.Queue(), _recv_pdu=queue.Queue(),
+                          _decode_pdu=lambda pdu: ((pdu[0], bytes(pdu)), "Evt10"))
+    read = reactor._direct_read(dul)
+    whole = _p_data_pdu([(1, 0x02, b"x" * 100)])
+    a.sendall(bytes(whole[:3]))
+    read()  # 3 bytes of a header: nothing to act on yet, and the read did not wait for more
+    assert dul.event_queue.empty()
+    for i in range(3, len(whole)):  # the rest, a byte at a time
+        a.sendall(bytes(whole[i : i + 1]))
+        read()
+    assert dul.event_queue.get_nowait() == "Evt10" and dul._recv_pdu.get_nowait()[1] == bytes(whole)
+    a.sendall(bytes(whole) + struct.pack(">BBL", 0x04, 0, 0xFFFFFFF0))
+    read()
+    assert dul.event_queue.get_nowait() == "Evt10" and dul.event_queue.empty()
+    read()  # the bad header is already buffered: refused without a read
+    assert dul.event_queue.get_nowait() == "Evt19" and transport._poisoned
+    assert len(transport._chunk) <= reactor.CHUNK  # nothing made for its 4 GiB
+    read()
+    assert dul.event_queue.get_nowait() == "Evt17"  # given up: reads as a closed connection
+    a.close()
+    b.close()
