@@ -217,6 +217,7 @@ class Listener:
         self._lock = threading.Condition()
         self._in_handlers = 0
         self._started = time.monotonic()
+        self._stopping = threading.Event()  # set by stop(): aborts then close their connections at once
 
     def __enter__(self) -> "Listener":
         return self.start()
@@ -242,7 +243,8 @@ class Listener:
         self.engine = engine
         self._ae = self._build_ae()
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, _on_echo),
-                    (evt.EVT_CONN_OPEN, _on_open, [self.settings.max_pdu, self.settings.max_instance_bytes])]
+                    (evt.EVT_CONN_OPEN, _on_open, [self.settings.max_pdu, self.settings.max_instance_bytes,
+                                                   self._stopping])]
         try:
             self._server = self._ae.start_server((self.settings.host, self.settings.port), block=False,
                                                  evt_handlers=handlers)
@@ -276,6 +278,7 @@ class Listener:
             while self._ae.active_associations and time.monotonic() < deadline:
                 time.sleep(0.05)
             left = len(self._ae.active_associations)
+            self._stopping.set()
             if left:
                 log.warning("stopping: aborting %d association(s) still open: an instance still being received is not "
                             "stored; one received in full is stored, though its sender may see the abort before the "
@@ -379,15 +382,15 @@ class Listener:
             log.warning("C-STORE 0x%04X refused: %s", status, (reason or "").split(":", 1)[0])
 
 
-def _on_open(event, max_pdu: int, max_message: int) -> None:
+def _on_open(event, max_pdu: int, max_message: int, stopping: threading.Event | None = None) -> None:
     """A connection opened (before its association's threads start): bound what the peer may send
     (`pdu_limits.py`), let its threads wait rather than poll (`reactor.py`), and make a late abort harmless."""
     bound_connection(event, max_pdu, max_message)
     wait_not_poll(event.assoc)
-    late_abort_is_a_no_op(event.assoc)
+    late_abort_is_a_no_op(event.assoc, stopping)
 
 
-def late_abort_is_a_no_op(assoc) -> bool:
+def late_abort_is_a_no_op(assoc, stopping: threading.Event | None = None) -> bool:
     """What reaches an association's state machine from our side once its connection is closing, or
     before an association was asked for, does no harm.
 
@@ -400,6 +403,8 @@ def late_abort_is_a_no_op(assoc) -> bool:
       expired. Now the transport is closed at once (as on Evt17: AA-5, AR-5).
     - Any other request of ours in Sta13 (e.g. the association thread's A-ASSOCIATE-RJ for a request
       the reader has meanwhile aborted, Evt8) does nothing: the connection is going.
+    - Once `stopping` is set (the listener's `stop()`), an abort sends its A-ABORT and closes the
+      transport at once, instead of waiting up to ARTIM (30 s) for a peer that may never close it.
     Every other event keeps pynetdicom's behaviour. False when the state machine is not the expected
     one (then nothing changes)."""
     machine = getattr(getattr(assoc, "dul", None), "state_machine", None)
@@ -409,6 +414,11 @@ def late_abort_is_a_no_op(assoc) -> bool:
 
     def do_action_unless_closing(event: str) -> None:
         state = machine.current_state
+        if event == "Evt15" and stopping is not None and stopping.is_set() and (event, state) in TRANSITION_TABLE:
+            do_action(event)  # the A-ABORT is sent
+            if machine.current_state == "Sta13":
+                do_action("Evt17")  # and the transport closed now (AR-5)
+            return
         if (event, state) not in TRANSITION_TABLE:
             if event == "Evt15" and state in ("Sta2", "Sta13"):
                 log.debug("an abort requested in state %s closes the connection", state)

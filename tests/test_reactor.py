@@ -447,6 +447,11 @@ def test_a_large_pdu_before_any_association_is_refused_before_its_buffer(tmp_pat
         assert echo.returncode == 0, echo.stderr[-2000:]
 
 
+# a P-DATA-TF PDU of 1000 bytes, its one PDV item (a data-set fragment of presentation context 1) cut off
+# after 10 of its bytes: well formed so far (the listener's BoundedSocket would end a malformed one at once)
+PART_OF_A_P_DATA = bytes.fromhex("04000000 03e8") + bytes.fromhex("000003e4 01 00") + b"x" * 10
+
+
 def _read_until_closed(peer, limit_s: float) -> tuple[bytes, float]:
     start, received = time.monotonic(), b""
     peer.settimeout(limit_s)
@@ -491,10 +496,10 @@ def test_a_peer_that_stops_within_a_pdu_holds_only_its_association_and_not_for_e
             ae.add_requested_context(Verification)
             assoc = ae.associate("127.0.0.1", listener.port, ae_title="CXREMBED")
             assert assoc.is_established and int(assoc.send_c_echo().Status) == 0  # served meanwhile
+            # established, then part of a P-DATA-TF PDU (header and 10 of its 1000 bytes), then nothing
+            assoc.dul.socket.socket.sendall(PART_OF_A_P_DATA)
             received, waited = _read_until_closed(peer, 20)
             assert received in (b"", bytes.fromhex("07000000000400000000")) and waited < 10
-            # established, then part of a P-DATA-TF PDU (header and 10 of its 1000 bytes), then nothing
-            assoc.dul.socket.socket.sendall(struct.pack(">BBL", 0x04, 0, 1000) + b"x" * 10)
             deadline = time.monotonic() + 15
             while listener._ae.active_associations and time.monotonic() < deadline:
                 time.sleep(0.1)
@@ -502,22 +507,36 @@ def test_a_peer_that_stops_within_a_pdu_holds_only_its_association_and_not_for_e
             assoc.abort()
 
 
-def test_stop_does_not_wait_for_a_peer_stalled_before_associating(tmp_path):
+def test_stop_does_not_wait_for_stalled_peers(tmp_path):
     """SIGTERM with one connection stalled inside its A-ASSOCIATE-RQ never finished: the abort had no
-    transition before an association (Sta2) and the reader was blocked in a read. Now `stop()` closes
-    such a connection and returns after its grace period."""
+    transition before an association (Sta2) and the reader was blocked in a read; one stalled inside a
+    P-DATA-TF after associating, which never reads the A-ABORT nor closes, held it for ARTIM (30 s).
+    Now `stop()` closes both and returns soon after its grace period."""
     import struct
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
 
     listener = in_process_listener(tmp_path, MODEL, stop_grace_s=1).start()
     with socket.create_connection(("127.0.0.1", listener.port), timeout=20) as peer:
         peer.sendall(struct.pack(">BBL", 0x01, 0, 200))
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", listener.port, ae_title="CXREMBED")
+        assert assoc.is_established
+        stalled = assoc.dul.socket.socket.dup()  # the connection outlives the client's own threads
+        stalled.sendall(PART_OF_A_P_DATA)
+        assoc.dul.kill_dul()  # the client stops: nothing reads the abort or closes the connection
         time.sleep(0.5)
         start = time.monotonic()
         summary = listener.stop()
         took = time.monotonic() - start
         received, _ = _read_until_closed(peer, 5)
+        got, _ = _read_until_closed(stalled, 5)
+        stalled.close()
     assert took < 6, f"stop() took {took:.1f} s"
     assert not received.endswith(b"<still open>") and summary.received == 0
+    assert got.startswith(b"\x07") and not got.endswith(b"<still open>")  # an A-ABORT, then closed
 
 
 def test_a_bad_header_behind_a_whole_pdu_is_refused_before_any_buffer_is_made_for_it():
