@@ -382,6 +382,12 @@ def atomic_replace(path: Path, what: str = "store") -> Iterator[Path]:
     fsync_dir(path.parent)
 
 
+def _write_through(path: Path) -> Path:
+    """A store named by a symlink is written where the link points (an atomic replace of the link's
+    name would put a new file in place of the link, and the store would silently split in two)."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 def lock_path(store: Path) -> Path:
     return store.with_name(store.name + ".lock")
 
@@ -393,7 +399,8 @@ class WriterLock:
     it go; the empty file stays (only a held lock counts)."""
 
     def __init__(self, store: Path):
-        self.path = lock_path(store)
+        # beside the real file: another name for it (a symlink to it, or to its folder) finds the same lock
+        self.path = lock_path(Path(os.path.realpath(store)))
         try:
             store.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -543,7 +550,7 @@ class StoreWriter:
     _lock: WriterLock | None = field(default=None, init=False, repr=False, compare=False)  # held until close
 
     def __post_init__(self):
-        self.path = Path(self.path)
+        self.path = _write_through(Path(self.path))
         self._lock = WriterLock(self.path)  # first: what is read below is then not changing (StoreBusy)
         try:
             stale = self.path.with_name(self.path.name + ".tmp")
@@ -692,7 +699,8 @@ def _open_unchecked(path: str | os.PathLike) -> Store:
 def upgrade_store(path: str | os.PathLike) -> Path:
     """Rewrites a store of an older format in the current one, atomically; a current store is left as is.
     StoreBusy while a writer holds it."""
-    with writing(Path(path)):
+    path = _write_through(Path(path))
+    with writing(path):
         store = _open_unchecked(path)
         if store.version < FORMAT_VERSION:
             with atomic_replace(store.path) as tmp:
@@ -715,7 +723,8 @@ def remove_images(path: str | os.PathLike, ids: Iterable[str]) -> RemovalReport:
     """Removes images (embedding, metadata, failure record) for good: the file is rewritten without
     them, since HDF5 never reclaims freed space. All ids must be known, else nothing is removed.
     StoreBusy while a writer holds the store (its next fold would put them back)."""
-    with writing(Path(path)):
+    path = _write_through(Path(path))
+    with writing(path):
         return _remove_images(path, ids)
 
 

@@ -405,6 +405,10 @@ def late_abort_is_a_no_op(assoc, stopping: threading.Event | None = None) -> boo
       the reader has meanwhile aborted, Evt8) does nothing: the connection is going.
     - Once `stopping` is set (the listener's `stop()`), an abort sends its A-ABORT and closes the
       transport at once, instead of waiting up to ARTIM (30 s) for a peer that may never close it.
+    - A connection that ends before an association was asked for (the peer closed it, or sent
+      something else) frees its association slot at once: pynetdicom's association thread waited
+      acse_timeout (30 s) for the request regardless, so 9 connect-and-close a minute locked every
+      sender out.
     Every other event keeps pynetdicom's behaviour. False when the state machine is not the expected
     one (then nothing changes)."""
     machine = getattr(getattr(assoc, "dul", None), "state_machine", None)
@@ -412,7 +416,9 @@ def late_abort_is_a_no_op(assoc, stopping: threading.Event | None = None) -> boo
         return False
     do_action = machine.do_action
 
-    def do_action_unless_closing(event: str) -> None:
+    requested = []  # an A-ASSOCIATE-RQ arrived (Evt6)
+
+    def act(event: str) -> None:
         state = machine.current_state
         if event == "Evt15" and stopping is not None and stopping.is_set() and (event, state) in TRANSITION_TABLE:
             do_action(event)  # the A-ABORT is sent
@@ -428,6 +434,19 @@ def late_abort_is_a_no_op(assoc, stopping: threading.Event | None = None) -> boo
                 log.debug("%s requested in state %s (the connection is closed or closing) does nothing", event, state)
                 return
         do_action(event)
+
+    def do_action_unless_closing(event: str) -> None:
+        before = machine.current_state
+        if event == "Evt6":
+            requested.append(True)
+        act(event)
+        if machine.current_state == "Sta1" and before != "Sta1" and not requested:
+            # closed before any association was asked for: the association's thread waits for an
+            # A-ASSOCIATE-RQ for acse_timeout (30 s) and holds its slot meanwhile; None wakes it as its
+            # timeout would (it then ends), so a peer that connects and closes frees the slot at once
+            queue_ = getattr(assoc.dul, "to_user_queue", None)
+            if queue_ is not None:
+                queue_.put(None)
 
     machine.do_action = do_action_unless_closing
     return True

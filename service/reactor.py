@@ -482,13 +482,24 @@ for _name in ("getvalue", "getbuffer", "read", "read1", "readinto", "readinto1",
     setattr(FragmentIO, _name, _sealing(_name))
 
 
-def _fragmenting_receive(dimse, receive):
-    """`dimse.receive_primitive` that gives each new message a FragmentIO for its data set."""
+def _fragmenting_receive(dimse, receive, dul=None):
+    """`dimse.receive_primitive` that gives each new message a FragmentIO for its data set, and ends the
+    association (one Evt19: an A-ABORT) on a message pynetdicom's decoder fails with an exception: that
+    raised inside the reader's state machine, outside its handler, and the reader thread died with a
+    traceback and a bare close (a PDV item of 1 byte, a data set before its command; 20 bytes each)."""
     def receive_primitive(primitive):
         if dimse.message is None:
             dimse.message = DIMSEMessage()
             dimse.message.data_set = FragmentIO()
-        return receive(primitive)
+        try:
+            return receive(primitive)
+        except Exception as exc:
+            if dul is None:
+                raise
+            dimse.message = None
+            _DUL_LOG.error("A malformed DIMSE message was received (%s); the association is aborted",
+                           type(exc).__name__)
+            dul.event_queue.put("Evt19")
     return receive_primitive
 
 
@@ -545,7 +556,7 @@ def wait_not_poll(assoc) -> bool:
     dul.stop_dul = _joining_stop(dul, wake_w)
     dul._decode_pdu = _viewing_decode(dul, dul._decode_pdu)
     dul._read_pdu_data = _direct_read(dul)
-    assoc.dimse.receive_primitive = _fragmenting_receive(assoc.dimse, assoc.dimse.receive_primitive)
+    assoc.dimse.receive_primitive = _fragmenting_receive(assoc.dimse, assoc.dimse.receive_primitive, dul)
     msgs = assoc.dimse.msg_queue
     msgs.get = _waiting_get(msgs.get)
     return True

@@ -570,3 +570,65 @@ def test_a_bad_header_behind_a_whole_pdu_is_refused_before_any_buffer_is_made_fo
     assert dul.event_queue.get_nowait() == "Evt17"  # given up: reads as a closed connection
     a.close()
     b.close()
+
+
+def test_connections_closed_before_associating_free_their_slots_at_once(tmp_path):
+    """9 connections opened and closed at once (no bytes, or an unknown PDU then closed) locked every
+    sender out for 30 s: pynetdicom's association thread waited acse_timeout for a request that could
+    no longer come, holding its slot (found by an attacker's second review)."""
+    import struct
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    with in_process_listener(tmp_path, MODEL) as listener:
+        for n in range(2 * listener.settings.max_associations + 1):
+            with socket.create_connection(("127.0.0.1", listener.port), timeout=20) as peer:
+                if n % 2:
+                    peer.sendall(struct.pack(">BBL", 0x00, 0, 4) + b"abcd")
+                    _read_until_closed(peer, 10)
+        deadline = time.monotonic() + 5
+        while listener._ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not listener._ae.active_associations
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", listener.port, ae_title="CXREMBED")
+        assert assoc.is_established and int(assoc.send_c_echo().Status) == 0
+        assoc.release()
+
+
+@pytest.mark.parametrize("pdv", [bytes.fromhex("00000001 01"),  # a PDV item of 1 byte: no control header
+                                 bytes.fromhex("00000004 ff 03 0000")])  # a whole command set of 2 zero bytes
+def test_a_malformed_dimse_message_gets_one_abort_not_a_dead_reader(tmp_path, caplog, pdv):
+    """20-byte P-DATA-TF PDUs whose messages pynetdicom's decoder fails on raised inside the reader's
+    state machine: the thread died with a traceback and closed without an A-ABORT (an attacker's
+    second review). Now: one A-ABORT, one log line, and the listener serves others."""
+    import struct
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    errors = []
+    hook, threading.excepthook = threading.excepthook, lambda args: errors.append(args.exc_type.__name__)
+    try:
+        with in_process_listener(tmp_path, MODEL) as listener, caplog.at_level(logging.ERROR, "pynetdicom"):
+            ae = AE(ae_title="TESTSCU")
+            ae.add_requested_context(Verification)
+            assoc = ae.associate("127.0.0.1", listener.port, ae_title="CXREMBED")
+            raw = assoc.dul.socket.socket.dup()
+            assoc.dul.kill_dul()  # the test reads the connection itself from here
+            time.sleep(0.2)
+            raw.sendall(struct.pack(">BBL", 0x04, 0, len(pdv)) + pdv)
+            received, _ = _read_until_closed(raw, 20)
+            raw.close()
+            other = AE(ae_title="TESTSCU")
+            other.add_requested_context(Verification)
+            again = other.associate("127.0.0.1", listener.port, ae_title="CXREMBED")
+            assert again.is_established and int(again.send_c_echo().Status) == 0
+            again.release()
+    finally:
+        threading.excepthook = hook
+    assert received.startswith(b"\x07") and not received.endswith(b"<still open>"), received[:40]
+    assert not errors, errors
+    assert len([r for r in caplog.records if "malformed DIMSE message" in r.getMessage()]) == 1

@@ -287,3 +287,23 @@ def test_one_writer_at_a_time_across_processes_until_the_holder_dies(store):
         writer.commit()
     again = StoreWriter(store, IDENTITY)  # close let the lock go
     again.close()
+
+
+def test_another_name_for_the_store_finds_the_same_lock_and_the_same_file(store, tmp_path):
+    """A symlink to a held store (or to its folder) passed the lock, read the store without its journal
+    and replaced the link by a file of its own: two stores where there was one (an attacker's second
+    review). The lock is beside the real file, and a writer through a link writes the real file."""
+    link = tmp_path / "link.h5"
+    link.symlink_to(store)
+    (tmp_path / "folder-link").symlink_to(store.parent, target_is_directory=True)
+    holder = StoreWriter(store, IDENTITY)
+    for other in (link, tmp_path / "folder-link" / store.name):
+        with pytest.raises(StoreBusy):
+            StoreWriter(other, IDENTITY)
+        with pytest.raises(StoreBusy):
+            remove_images(other, ["base-0000.dcm"])
+    holder.close()
+    writer = StoreWriter(link, IDENTITY)
+    writer.add("through-link.dcm", np.ones(DIM), {})
+    writer.close()
+    assert link.is_symlink() and "through-link.dcm" in Store(store).ids
