@@ -23,8 +23,10 @@ def plain(value):
 def check_names(probes: Mapping[str, Probe], names: list[str] | None) -> None:
     """Refuse probe names that are not loaded, listing those that are."""
     unknown = [n for n in (names or []) if n not in probes]
-    if unknown:
-        raise UnknownProbe(f"unknown probe(s) {', '.join(unknown)}; loaded: {', '.join(probes) or 'none'}")
+    if unknown:  # names come from a request: shown as repr (no control characters), cut short, at most 5
+        shown = ", ".join(repr(n[:40] + ("..." if len(n) > 40 else "")) for n in unknown[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise UnknownProbe(f"unknown probe(s) {shown}{more}; loaded: {', '.join(probes) or 'none'}")
 
 
 def score_embedding(probes: Mapping[str, Probe], embedding: np.ndarray, names: list[str] | None = None,

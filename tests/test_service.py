@@ -197,6 +197,9 @@ def test_predict_and_search(server, dcm_dir, samples):
     r = post(server, "/predict?probes=tb", (dcm_dir / "RG1_UNCR.dcm").read_bytes()).json()["results"][0]
     assert "embedding" not in r and set(r["scores"]) == {"tb"}
     assert post(server, "/predict?probes=nope", (dcm_dir / "RG1_UNCR.dcm").read_bytes()).status_code == 404
+    long = post(server, "/predict?probes=" + "z" * 10_000 + "%00", (dcm_dir / "RG1_UNCR.dcm").read_bytes())
+    message = long.json()["error"]["message"]  # a request's text is not echoed whole, nor its control characters
+    assert long.status_code == 404 and len(message) < 300 and "\x00" not in message and "'zzz" in message
     jpg = sorted(samples.glob("*.jpg"))[0].read_bytes()
     s = post(server, "/search?k=3", jpg, "image/jpeg").json()["results"][0]
     assert len(s["neighbours"]) == 3
