@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import CxrEmbedError
+from .errors import ModelMismatch, CxrEmbedError
 
 
 def note(text: str) -> None:
@@ -62,6 +62,21 @@ def add_backend_options(p, default: str | None = "auto") -> None:
                         "only: faster, embeddings off by up to about 0.5; opt-in)")
 
 
+def _check_store_model(out: Path, model: str | None) -> None:
+    """A store of another registered model is refused before the model loads (the full check, weights
+    included, comes when the store is opened for writing)."""
+    from .registry import default_model_name, is_registered
+    from .store import Store
+
+    name = model or default_model_name()
+    if not out.exists() or not is_registered(name):
+        return
+    held = Store(out).model_name
+    if held != name:
+        raise ModelMismatch(f"store {out} holds embeddings of model {held}, not {name}: embed into another --out, "
+                            f"or pass --model {held}")
+
+
 def _cmd_embed(args) -> int:
     from .batch import check_paths_exist, embed_to_store, list_inputs, shard_path
     from .embedder import Embedder
@@ -86,6 +101,7 @@ def _cmd_embed(args) -> int:
 
         if torch.cuda.is_available():
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+    _check_store_model(Path(args.out) if world == 1 else shard_path(Path(args.out), rank, world), args.model)
     note(loading_message(args.model))
     embedder = Embedder(args.model, batch_size=args.batch_size, device=device, backend=args.backend,
                         precision=args.precision)

@@ -103,6 +103,14 @@ def test_export_parquet_reads_in_plain_pyarrow(small_store, tmp_path):
     assert json.loads(table.schema.metadata[b"cxr_embed.identity"])["model_name"] == "imagenet-effnet-lite0"
 
 
+def test_embed_into_a_store_of_another_model_is_refused_before_the_model_loads(small_store, samples, capsys):
+    before = small_store.read_bytes()
+    assert main(["embed", "--images", str(samples / "samples.csv"), "--out", str(small_store), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "holds embeddings of model imagenet-effnet-lite0, not cxr-supcon-effnet-lite0" in err
+    assert "loading" not in err and small_store.read_bytes() == before
+
+
 def test_export_refuses_an_unknown_format(small_store, tmp_path, capsys):
     assert main(["export", "--store", str(small_store), "--out", str(tmp_path / "x.csv")]) == 2
     assert "*.parquet or *.npz" in capsys.readouterr().err
