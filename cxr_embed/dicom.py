@@ -162,9 +162,20 @@ def _header_phase(caught: list[str]) -> Iterator[list]:
             caught.extend(str(w.message) for w in records)
 
 
-def _log_scrubbed(messages: list[str], secrets: list[str]) -> None:
+def _log_scrubbed(messages: list[str], secrets: list[str], logger: logging.Logger = LOG) -> None:
     for message in dict.fromkeys(messages):  # pydicom both logs and warns the same text
-        LOG.debug("pydicom: %s", scrub(message, secrets))
+        logger.debug("pydicom: %s", scrub(message, secrets))
+
+
+@contextlib.contextmanager
+def pydicom_warnings_logged(logger: logging.Logger = LOG) -> Iterator[None]:
+    """pydicom's warnings within the block (they quote element values, UIDs included): caught as
+    while a header is read here, not printed, and logged at DEBUG to `logger` with anything quoted
+    left out (`scrub`). For callers that read a header with pydicom themselves (the DICOM listener)."""
+    caught: list[str] = []
+    with _header_phase(caught):
+        yield
+    _log_scrubbed(caught, [], logger)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from cxr_embed.batch import InputItem, check_paths_exist, list_inputs
 from cxr_embed.embedder import Embedder
 from cxr_embed.errors import CxrEmbedError
 from cxr_embed.identity import ModelIdentity
+from cxr_embed.store import atomic_replace
 
 from .examples import example_probe_path
 from .io import load_probes, probe_fingerprint
@@ -149,11 +150,9 @@ def _check_same_probes(out: Path, probes: Mapping[str, Probe]) -> None:
 
 
 def _write_record(out: Path, probes: Mapping[str, Probe]) -> None:
-    """`OUT.probes.json`, written (atomically) before the CSV's first row."""
-    record = probes_path(out)
-    tmp = record.with_name(record.name + ".tmp")
-    tmp.write_text(json.dumps(probes_record(probes), indent=1), encoding="utf-8")
-    os.replace(tmp, record)
+    """`OUT.probes.json`, written (whole or not at all: fsynced, then renamed) before the CSV's first row."""
+    with atomic_replace(probes_path(out), "probes record") as tmp:
+        tmp.write_text(json.dumps(probes_record(probes), indent=1), encoding="utf-8")
 
 
 def predict_images(images: str | os.PathLike, out: str | os.PathLike, probes: str | os.PathLike | None = None,
@@ -170,8 +169,7 @@ def predict_images(images: str | os.PathLike, out: str | os.PathLike, probes: st
     columns = header(loaded)
     seen = done_ids(out, columns, loaded)
     if not seen:  # no rows yet (none, or a header alone): these probes write the file from here on
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _write_record(out, loaded)
+        _write_record(out, loaded)  # (its folder is made if need be)
     todo = [it for it in items if it.image_id not in seen]
     if log is not None and todo:
         log(f"loading {identity.model_name} and the chest check (a few seconds; the first batch is slower while "

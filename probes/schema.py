@@ -159,7 +159,7 @@ def _classes(v: object) -> np.ndarray:
 def _class_names(v: object, classes: np.ndarray) -> list[str]:
     """A binary probe's [negative, positive] class names as its training labels wrote them (class 0
     and class 1: e.g. ["normal", "TB"]); what `evaluate` checks its --positive against."""
-    if [c for c in classes.tolist()] != [0, 1]:
+    if classes.tolist() != [0, 1]:
         raise _Invalid("class_names is for binary probes (classes [0, 1]); this one's classes are its names")
     if not isinstance(v, list) or len(v) != 2 or not all(isinstance(x, str) and _LABEL.fullmatch(x) for x in v):
         raise _Invalid("class_names must be a list of 2 names of 1-200 printable characters")

@@ -49,7 +49,7 @@ def train_probe_from_labels(store: str | os.PathLike | Store, labels: str | os.P
                         identity=store.identity, **params)
     if table.binary:
         probe.description = f"{kind} probe on {Path(labels).name}: P({table.positive})"
-        probe.class_names_ = [table.negative, table.positive]  # saved: evaluate checks its --positive against it
+        probe.class_names_ = table.class_names()  # [negative, positive], saved: evaluate checks its --positive against it
     path = save_probe(probe, out, name=name, description=getattr(probe, "description", "")) if out else None
     test = None
     test_rows = [i for i in table.rows("test") if table.images[i] in store] if any(table.splits) else []

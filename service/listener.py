@@ -16,7 +16,6 @@ dates: metadata comes from an allowlist of tags (`HEADER_TAGS`), the log holds c
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import os
@@ -37,7 +36,7 @@ from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.fsm import TRANSITION_TABLE
 
 from cxr_embed.chest import is_reliable
-from cxr_embed.dicom import scrub
+from cxr_embed.dicom import pydicom_warnings_logged, scrub
 from cxr_embed.errors import ConfigError, CxrEmbedError
 from cxr_embed.runtime import AUTO_CPU_WORKERS_MAX
 from cxr_embed.store import StoreWriter
@@ -129,18 +128,6 @@ def without_values(message: str) -> str:
     'Affected SOP Instance UID' value '1.2.3...'`), and no UID or other value of an instance goes into
     our log."""
     return scrub(message, [])
-
-
-@contextlib.contextmanager
-def quiet_pydicom():
-    """pydicom's warnings while the listener reads a header (they quote element values): captured
-    and logged at DEBUG without the values, instead of printed on stderr. Under the package's lock
-    for warnings filters (process-wide), which the decoders also hold (cxr_embed/threads.py)."""
-    with WARNINGS_LOCK, warnings.catch_warnings(record=True) as records:
-        warnings.simplefilter("always")
-        yield
-    for message in dict.fromkeys(str(w.message) for w in records):
-        log.debug("pydicom: %s", without_values(message))
 
 
 class PeerValueFilter(logging.Filter):
@@ -338,7 +325,7 @@ class Listener:
         data = received_file(event)
         if len(data) > self.settings.max_instance_bytes:
             raise InstanceTooLarge(f"{len(data)} bytes: more than the limit of {self.settings.max_instance_bytes}")
-        with quiet_pydicom():
+        with pydicom_warnings_logged(log):  # they quote values: logged at DEBUG without them
             header = read_header(data)
             check_header(header, event.request.AffectedSOPClassUID, image_id)
             dicom_meta = header_metadata(header)
